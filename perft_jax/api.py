@@ -1,0 +1,57 @@
+"""The stable entry points: `load_model` and `export_hf`.
+
+    model = load_model("ckpts/olmoe")                 # restore a converted base checkpoint
+    out = model(input_ids, attention_mask=mask)       # out.logits: [B, T, V]
+    export_hf(model, "hf_out")                        # back to a Hugging Face directory
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+from flax import nnx
+
+from perft_jax.checkpoint import base as base_ckpt
+from perft_jax.convert.jax_to_hf import export_hf
+from perft_jax.models.config import ModelConfig
+from perft_jax.models.decoder import MoeForCausalLM
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
+    """A randomly initialised model (tests, benchmarks, the demo's tiny base)."""
+    return MoeForCausalLM(cfg, nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> MoeForCausalLM:
+    """The model's structure with `ShapeDtypeStruct` leaves: no memory, no compute."""
+    return nnx.eval_shape(lambda: MoeForCausalLM(cfg, nnx.Rngs(0)))
+
+
+def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_dtype: str | None = None,
+               moe_backend: str | None = None, capacity_factor: float | None = None,
+               sharding: jax.sharding.Sharding | None = None) -> MoeForCausalLM:
+    """Restore a converted base checkpoint as an NNX model.
+
+    Args:
+      ckpt_dir: directory written by `convert_weights.py`.
+      dtype: compute dtype ("float32" | "bfloat16"); also the parameter dtype unless `param_dtype`
+        is given. Default: as stored.
+      param_dtype: parameter storage dtype, when it should differ from `dtype`.
+      moe_backend / capacity_factor: override the MoE dispatch backend of the stored config.
+      sharding: where parameters land; default: the first local device.
+    """
+    cfg, _ = base_ckpt.read_manifest(pathlib.Path(ckpt_dir))
+    changes = {"dtype": dtype, "param_dtype": param_dtype or dtype, "moe_backend": moe_backend,
+               "capacity_factor": capacity_factor}
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          nnx.to_pure_dict(abstract_state))
+    restored = base_ckpt.restore_groups(pathlib.Path(ckpt_dir), base_ckpt.group_names(cfg), target)
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return nnx.merge(graphdef, abstract_state)
+
+
+__all__ = ["abstract_model", "export_hf", "init_model", "load_model"]

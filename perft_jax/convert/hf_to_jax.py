@@ -1,0 +1,202 @@
+"""Hugging Face directory -> perft-jax base checkpoint, streamed one parameter group at a time.
+
+Everything that can be checked is checked before anything is written: the config, every expected
+tensor's presence, shape and dtype, and no unexpected tensors. The checkpoint is then built in a
+temporary sibling directory and renamed into place at the end, so a failed or interrupted conversion
+never leaves a directory that looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import transformers
+from tqdm import tqdm
+
+from perft_jax.checkpoint import base as base_ckpt
+from perft_jax.convert import hf_keys
+from perft_jax.convert.source import FLOAT_DTYPES, TensorSource, open_hf_dir
+from perft_jax.errors import UserError
+from perft_jax.models import ARCHITECTURES, Architecture, ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> tuple[ModelConfig, Architecture, dict[str, Any]]:
+    """Parse `config.json` with transformers' own config class (its defaults and legacy keys included)."""
+    path = pathlib.Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing model config")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable config ({e.__class__.__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UserError(f"{path}: unknown model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    arch = ARCHITECTURES[model_type]
+    try:
+        hf_config = transformers.AutoConfig.for_model(**raw)
+    except Exception as e:  # transformers validates values with assorted exception types
+        raise UserError(f"{path}: invalid {model_type} config ({e.__class__.__name__}: {e})") from None
+    return arch.config_from_hf(hf_config, str(path)), arch, raw
+
+
+def _source_dtype(raw_config: dict[str, Any]) -> str:
+    name = str(raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in NUMPY_DTYPES else "float32"
+
+
+def _plan(cfg: ModelConfig, arch: Architecture, fused: bool) -> list[tuple[str, list[hf_keys.TensorMap]]]:
+    plan = [("embed", hf_keys.embed_maps(cfg))]
+    plan += [(f"layer_{i:03d}", hf_keys.layer_maps(cfg, arch, i, fused)) for i in range(cfg.num_layers)]
+    return plan + [("head", hf_keys.head_maps(cfg))]
+
+
+def _check_tensors(source: TensorSource, plan, cfg: ModelConfig, where: str) -> None:
+    """Fail on the first missing, mis-shaped, wrongly typed or unexpected tensor, naming it."""
+    available = source.keys()
+    expected: set[str] = set()
+    missing: list[str] = []
+    for _, maps in plan:
+        for tmap in maps:
+            for key, shape in zip(tmap.hf_keys, hf_keys.hf_shapes(tmap)):
+                expected.add(key)
+                if key not in available:
+                    missing.append(key)
+                    continue
+                got_dtype = source.dtype(key)
+                if got_dtype not in FLOAT_DTYPES:
+                    raise UserError(f"{source.file_of(key)}: tensor {key} has dtype {got_dtype}, "
+                                    "expected a floating-point type")
+                got_shape = source.shape(key)
+                if got_shape != shape:
+                    raise UserError(f"{source.file_of(key)}: tensor {key} has shape {list(got_shape)}, "
+                                    f"expected {list(shape)}")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{where}: missing tensor {missing[0]}{more}")
+    tolerated = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = sorted(k for k in available - expected - tolerated
+                        if not k.endswith(hf_keys.IGNORED_HF_SUFFIXES))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise UserError(f"{source.file_of(unexpected[0])}: unexpected tensor {unexpected[0]}{more}")
+
+
+class _LazyTensors:
+    """The HF tensors of one TensorMap, read from disk (and cast) only when indexed."""
+
+    def __init__(self, source: TensorSource, keys: tuple[str, ...], dtype, on_read: Callable[[], None]):
+        self._source, self._keys, self._dtype, self._on_read = source, keys, dtype, on_read
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        array = self._source.get(self._keys[index]).astype(self._dtype, copy=False)
+        self._on_read()
+        return array
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _build_group(source: TensorSource, maps, dtype, progress: tqdm) -> dict:
+    flat = {}
+    for tmap in maps:
+        array = tmap.to_jax(_LazyTensors(source, tmap.hf_keys, dtype, lambda: progress.update(1)))
+        flat[tmap.path[2:] if tmap.path[0] == "layers" else tmap.path] = jnp.asarray(np.ascontiguousarray(array))
+        del array
+    return _nest(flat)
+
+
+def prepare_output(out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
+    """Refuse to clobber a checkpoint; return a fresh temporary sibling to build into."""
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"{out_dir}: exists and is not a directory")
+        if any(out_dir.iterdir()) and not overwrite:
+            what = "a checkpoint" if base_ckpt.is_base_checkpoint(out_dir) else "files"
+            raise UserError(f"{out_dir}: already holds {what}; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_output(tmp: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Move a finished build into place; an old directory is only removed once the new one is there."""
+    out_dir = pathlib.Path(out_dir).absolute()
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
+                      allow_pickle: bool = False, overwrite: bool = False,
+                      show_progress: bool = True) -> ModelConfig:
+    """Convert an HF OLMoE / Mixtral directory into a perft-jax base checkpoint at `out_dir`.
+
+    Args:
+      hf_dir: directory with `config.json` and safetensors weights (single file or sharded index).
+      out_dir: checkpoint directory to create.
+      dtype: "float32" | "bfloat16" | "float16" for the stored parameters; default: the config's dtype.
+      allow_pickle: also accept `pytorch_model*.bin` (pickle; loaded with `weights_only=True`).
+      overwrite: replace an existing checkpoint at `out_dir`.
+    Returns:
+      The resolved ModelConfig written to the checkpoint.
+    """
+    hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+    cfg, arch, raw_config = read_hf_config(hf_dir)
+    dtype = dtype or _source_dtype(raw_config)
+    if dtype not in NUMPY_DTYPES:
+        raise UserError(f"--dtype: expected one of {sorted(NUMPY_DTYPES)}, got {dtype!r}")
+    cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    source = open_hf_dir(hf_dir, allow_pickle=allow_pickle)
+    try:
+        fused = any(k.endswith(".experts.gate_up_proj") for k in source.keys())
+        plan = _plan(cfg, arch, fused)
+        _check_tensors(source, plan, cfg, str(hf_dir))
+        tmp = prepare_output(out_dir, overwrite)
+        try:
+            total = sum(len(m.hf_keys) for _, maps in plan for m in maps)
+            with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as progress:
+                for group, maps in plan:
+                    base_ckpt.save_group(tmp, group, _build_group(source, maps, NUMPY_DTYPES[dtype], progress))
+            shutil.copy2(hf_dir / "config.json", tmp / "config.json")
+            for name in TOKENIZER_FILES:
+                if (hf_dir / name).is_file():
+                    shutil.copy2(hf_dir / name, tmp / name)
+            base_ckpt.write_manifest(tmp, cfg, {"source": {"hf_dir": str(hf_dir.absolute()),
+                                                           "expert_layout": "fused" if fused else "per_expert"}})
+            commit_output(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        source.close()
+    return cfg

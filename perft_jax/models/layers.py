@@ -1,0 +1,130 @@
+"""Building blocks shared by every decoder: linear maps, embeddings, RMSNorm, RoPE, attention.
+
+Numerics follow Hugging Face's PyTorch implementations (modeling_olmoe.py / modeling_mixtral.py):
+RMSNorm statistics in float32, softmax in float32, RoPE tables in float32 cast to the compute dtype.
+Every parameter carries logical axis names (`axes` metadata) that the sharding rules map to mesh axes.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perft_jax.models.config import ModelConfig
+
+
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """Bias-free `x @ kernel` with kernel stored (in, out) — a torch `nn.Linear` weight transposed."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], cfg: ModelConfig,
+                 rngs: nnx.Rngs, std: float = 0.02):
+        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), std, cfg.jnp_param_dtype), axes=axes)
+        self.dtype = cfg.jnp_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]; `attend` reuses it as the tied LM head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), 0.02, cfg.jnp_param_dtype),
+                                   axes=("vocab", "embed"))
+        self.dtype = cfg.jnp_dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, width: int, eps: float, cfg: ModelConfig, axes: tuple[str] = ("embed",)):
+        self.scale = nnx.Param(jnp.ones((width,), cfg.jnp_param_dtype), axes=axes)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        # HF multiplies the weight with the already down-cast activations (weight * x.to(input_dtype)).
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, head_dim] for HF's default RoPE (the two halves repeat the same frequencies)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, hd]; rotate-half convention (not interleaved), as HF `apply_rotary_pos_emb`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def causal_mask(attention_mask: jax.Array | None, batch: int, length: int,
+                   sliding_window: int | None) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: causal, key padding, and (Mixtral) sliding window.
+
+    Sliding window as in transformers' masking_utils: key s is visible from query t iff s > t - window.
+    """
+    q = jnp.arange(length)[:, None]
+    k = jnp.arange(length)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    allowed = jnp.broadcast_to(allowed, (batch, 1, length, length))
+    if attention_mask is not None:
+        allowed &= attention_mask.astype(bool)[:, None, None, :]
+    return allowed
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with GQA, optional full-width q/k RMSNorm (OLMoE) and `clip_qkv`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "q_heads"), cfg, rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
+        self.o_proj = Linear(cfg.num_heads * hd, d, ("q_heads", "embed"), cfg, rngs)
+        if cfg.qk_norm:
+            # OLMoE normalises the whole projected vector before the head split (not per head as Qwen3).
+            self.q_norm = RMSNorm(cfg.num_heads * hd, cfg.rms_norm_eps, cfg, axes=("q_heads",))
+            self.k_norm = RMSNorm(cfg.num_kv_heads * hd, cfg.rms_norm_eps, cfg, axes=("kv_heads",))
+        else:
+            self.q_norm = self.k_norm = None
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:  # after the norm, as in HF OlmoeAttention
+            q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)  # query head h = kv * groups + g
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return self.o_proj(out)

@@ -1,0 +1,106 @@
+"""Stacked SwiGLU experts and the three ways of dispatching tokens to them.
+
+Weights are stored experts-axis first: `gate_up` [E, D, 2I] (gate in the first I columns, up in the
+last I — HF's fused `gate_up_proj` transposed) and `down` [E, I, D]. One fused gate/up matmul
+instead of two halves the number of expert matmuls.
+
+Backends (`ModelConfig.moe_backend`), all computing y_t = sum_k w_tk * E_{i_tk}(x_t):
+- `dense`: every expert on every token, combined with a [T, E] weight matrix. The reference: simple,
+  exact, and E/K times the FLOPs of the sparse forms.
+- `capacity`: each (token, choice) pair gets a slot in a per-expert buffer [E, C, D] with
+  C = ceil(T*K/E * capacity_factor); one batched einsum runs all experts; pairs past an expert's
+  capacity are dropped (counted in `dropped`). Fastest on CPU (ENGINEERING.md §5).
+- `ragged`: pairs sorted by expert and run through `jax.lax.ragged_dot` (grouped matmul); dropless.
+  Meant for GPU/TPU.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perft_jax.models.config import ModelConfig
+from perft_jax.models.layers import normal_init
+
+
+def _swiglu(h: jax.Array) -> jax.Array:
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def dense_dispatch(x, weights, indices, gate_up, down):
+    """x [T, D], weights/indices [T, K] -> (y [T, D], dropped int32 scalar)."""
+    num_experts = gate_up.shape[0]
+    h = _swiglu(jnp.einsum("td,edf->etf", x, gate_up))  # [E, T, I]
+    y_all = jnp.einsum("eti,eid->etd", h, down)  # [E, T, D]
+    combine = jnp.zeros((x.shape[0], num_experts), weights.dtype)
+    combine = combine.at[jnp.arange(x.shape[0])[:, None], indices].add(weights)  # [T, E]
+    return jnp.einsum("etd,te->td", y_all, combine), jnp.zeros((), jnp.int32)
+
+
+def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(num_tokens * k / num_experts * capacity_factor))
+
+
+def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float):
+    """Capacity-buffer dispatch; see module docstring. Returns (y [T, D], dropped pairs)."""
+    t, k = indices.shape
+    num_experts = gate_up.shape[0]
+    cap = capacity(t, k, num_experts, capacity_factor)
+    # Slot order is choice-major (all first choices, then all second ones ...), so that when an expert
+    # overflows it is the tokens' lower-ranked choices that are dropped first (GShard).
+    flat_expert = indices.T.reshape(-1)  # [K*T]
+    onehot = jax.nn.one_hot(flat_expert, num_experts, dtype=jnp.int32)  # [K*T, E]
+    position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # slot within its expert
+    keep = position < cap
+    slot = jnp.where(keep, flat_expert * cap + position, num_experts * cap)  # overflow -> sentinel slot
+    token = jnp.tile(jnp.arange(t), k)  # [K*T]
+    buffer = jnp.zeros((num_experts * cap + 1, x.shape[-1]), x.dtype).at[slot].set(x[token])
+    buffer = buffer[:-1].reshape(num_experts, cap, -1)  # [E, C, D]
+    h = _swiglu(jnp.einsum("ecd,edf->ecf", buffer, gate_up))
+    out = jnp.einsum("eci,eid->ecd", h, down).reshape(num_experts * cap, -1)
+    out = jnp.concatenate([out, jnp.zeros((1, out.shape[-1]), out.dtype)])  # sentinel row reads zeros
+    per_pair = out[slot].reshape(k, t, -1)  # [K, T, D]
+    y = jnp.einsum("ktd,tk->td", per_pair, weights)
+    return y, jnp.sum(~keep).astype(jnp.int32)
+
+
+def ragged_dispatch(x, weights, indices, gate_up, down):
+    """Sort pairs by expert, grouped matmul with `lax.ragged_dot`, unsort. Dropless."""
+    t, k = indices.shape
+    num_experts = gate_up.shape[0]
+    flat_expert = indices.reshape(-1)  # [T*K], token-major
+    order = jnp.argsort(flat_expert, stable=True)
+    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    xs = x[order // k]  # [T*K, D] grouped by expert
+    h = _swiglu(jax.lax.ragged_dot(xs, gate_up, group_sizes))
+    out_sorted = jax.lax.ragged_dot(h, down, group_sizes)  # [T*K, D]
+    per_pair = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", per_pair, weights), jnp.zeros((), jnp.int32)
+
+
+class Experts(nnx.Module):
+    """E SwiGLU experts, stacked; `__call__` dispatches with the configured backend."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate_up = nnx.Param(normal_init(rngs, (e, d, 2 * i), 0.02, cfg.jnp_param_dtype),
+                                 axes=("exp", "embed_moe", "mlp_moe"))
+        self.down = nnx.Param(normal_init(rngs, (e, i, d), 0.02, cfg.jnp_param_dtype),
+                              axes=("exp", "mlp_moe", "embed_moe"))
+        self.backend = cfg.moe_backend
+        self.capacity_factor = cfg.capacity_factor
+        self.dtype = cfg.jnp_dtype
+
+    def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [T, D], weights [T, K], indices [T, K] -> (y [T, D], number of dropped (token, expert) pairs)."""
+        x = x.astype(self.dtype)
+        gate_up, down = self.gate_up[...].astype(self.dtype), self.down[...].astype(self.dtype)
+        weights = weights.astype(self.dtype)
+        if self.backend == "dense":
+            return dense_dispatch(x, weights, indices, gate_up, down)
+        if self.backend == "capacity":
+            return capacity_dispatch(x, weights, indices, gate_up, down, self.capacity_factor)
+        return ragged_dispatch(x, weights, indices, gate_up, down)

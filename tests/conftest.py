@@ -32,3 +32,9 @@ def shared_dir() -> pathlib.Path:
             pytest.fail(f"PERFT_REQUIRE_SHARED=1 but {reason}")
         pytest.skip(reason)
     return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def torch_required():
+    """Skip tests that compare against HF PyTorch when torch is not installed."""
+    return pytest.importorskip("torch", reason="HF parity tests need torch (pip install -e '.[test]')")

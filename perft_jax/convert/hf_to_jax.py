@@ -7,7 +7,6 @@ never leaves a directory that looks like a checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -16,40 +15,18 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import transformers
 from tqdm import tqdm
 
 from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.convert import hf_keys
 from perft_jax.convert.source import FLOAT_DTYPES, TensorSource, open_hf_dir
 from perft_jax.errors import UserError
-from perft_jax.models import ARCHITECTURES, Architecture, ModelConfig
+from perft_jax.models import Architecture, ModelConfig
+from perft_jax.models.hf_config import read_hf_config_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
-def read_hf_config(hf_dir: pathlib.Path) -> tuple[ModelConfig, Architecture, dict[str, Any]]:
-    """Parse `config.json` with transformers' own config class (its defaults and legacy keys included)."""
-    path = pathlib.Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{path}: missing model config")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable config ({e.__class__.__name__}: {e})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UserError(f"{path}: unknown model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
-    arch = ARCHITECTURES[model_type]
-    try:
-        hf_config = transformers.AutoConfig.for_model(**raw)
-    except Exception as e:  # transformers validates values with assorted exception types
-        raise UserError(f"{path}: invalid {model_type} config ({e.__class__.__name__}: {e})") from None
-    return arch.config_from_hf(hf_config, str(path)), arch, raw
 
 
 def _source_dtype(raw_config: dict[str, Any]) -> str:
@@ -171,7 +148,7 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
       The resolved ModelConfig written to the checkpoint.
     """
     hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
-    cfg, arch, raw_config = read_hf_config(hf_dir)
+    cfg, arch, raw_config = read_hf_config_file(hf_dir / "config.json")
     dtype = dtype or _source_dtype(raw_config)
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"--dtype: expected one of {sorted(NUMPY_DTYPES)}, got {dtype!r}")

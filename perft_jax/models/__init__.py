@@ -1,9 +1,6 @@
 """Decoder-only MoE language models (OLMoE, Mixtral) in Flax NNX."""
 from perft_jax.models.architecture import Architecture
 from perft_jax.models.config import ModelConfig
-from perft_jax.models.mixtral import MIXTRAL
-from perft_jax.models.olmoe import OLMOE
+from perft_jax.models.hf_config import ARCHITECTURES, read_hf_config_file
 
-ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (OLMOE, MIXTRAL)}
-
-__all__ = ["ARCHITECTURES", "Architecture", "ModelConfig"]
+__all__ = ["ARCHITECTURES", "Architecture", "ModelConfig", "read_hf_config_file"]

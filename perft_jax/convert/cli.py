@@ -1,0 +1,72 @@
+"""Command line of the weight converter (`python convert_weights.py` / `perft-convert`).
+
+Import:  --hf-dir DIR --out DIR [--dtype bfloat16|float32] [--verify] [--overwrite] [--allow-pickle]
+Export:  --export --ckpt DIR --out DIR   (a perft-jax base checkpoint back to an HF directory)
+
+Bad input ends with a one-line `error: ...` naming the file, key or tensor, and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from perft_jax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__.split("\n")[0])
+    p.add_argument("--hf-dir", type=pathlib.Path, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype to store (default: the HF config's dtype)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits with the HF PyTorch model after converting (needs torch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle-based pytorch_model*.bin weights (only for files you trust)")
+    p.add_argument("--export", action="store_true", help="export a perft-jax checkpoint (--ckpt) to HF")
+    p.add_argument("--ckpt", type=pathlib.Path, help="with --export: the perft-jax base checkpoint")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="with --export: safetensors shard size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.export:
+        if args.ckpt is None:
+            raise UserError("--export needs --ckpt DIR (a perft-jax base checkpoint)")
+        from perft_jax.api import export_hf, load_model
+
+        model = load_model(args.ckpt, dtype=args.dtype)
+        export_hf(model, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)
+        print(f"exported {args.ckpt} -> {args.out}")
+        return
+    if args.hf_dir is None:
+        raise UserError("--hf-dir DIR is required (or --export --ckpt DIR)")
+    from perft_jax.convert.hf_to_jax import convert_hf_to_jax
+
+    cfg = convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                            overwrite=args.overwrite, show_progress=not args.no_progress)
+    print(f"converted {cfg.model_type} ({cfg.num_layers} layers, {cfg.num_experts} experts, "
+          f"{cfg.param_dtype}) {args.hf_dir} -> {args.out}")
+    if args.verify:
+        from perft_jax.convert.verify import compare_with_hf
+
+        result = compare_with_hf(args.hf_dir, args.out)
+        print(f"verify: max |logit diff| {result['max_abs_diff']:.3e}, relative L2 {result['rel_l2']:.3e} "
+              f"over {result['tokens']} tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

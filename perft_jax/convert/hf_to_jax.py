@@ -164,6 +164,9 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
             with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as progress:
                 for group, maps in plan:
                     base_ckpt.save_group(tmp, group, _build_group(source, maps, NUMPY_DTYPES[dtype], progress))
+                    # Drop the memory maps too: pages a mapping has touched count as resident memory
+                    # until it is closed, so a long-lived mapping would grow to the size of the shard.
+                    source.close()
             shutil.copy2(hf_dir / "config.json", tmp / "config.json")
             for name in TOKENIZER_FILES:
                 if (hf_dir / name).is_file():

@@ -116,6 +116,9 @@ class TorchBinSource(TensorSource):
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
 
+    def close(self) -> None:
+        self._loaded = {}
+
 
 def _index_files(index_path: pathlib.Path) -> dict[str, pathlib.Path]:
     try:

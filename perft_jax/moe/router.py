@@ -12,15 +12,7 @@ from flax import nnx
 
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.layers import normal_init
-
-
-def topk_weights(router_logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
-    """router_logits [T, E] -> (weights [T, K] float32, indices [T, K] int32)."""
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    weights, indices = jax.lax.top_k(probs, k)
-    if renormalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, indices.astype(jnp.int32)
+from perft_jax.moe.routing import topk_routing
 
 
 class TopKRouter(nnx.Module):
@@ -35,5 +27,5 @@ class TopKRouter(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, D] -> (router_logits [T, E], weights [T, K] compute dtype, indices [T, K] int32)."""
         logits = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        weights, indices = topk_weights(logits, self.k, self.renormalize)
+        weights, indices, _ = topk_routing(logits, self.k, self.renormalize)
         return logits, weights.astype(self.dtype), indices

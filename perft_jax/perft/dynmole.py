@@ -1,145 +1,23 @@
-"""Routing math for PERFT-R adapter routers: top-K gating, load-balancing loss and DynMoLE hybrid routing.
+"""DynMoLE hybrid routing as a PERFT-R router option (Li et al., arXiv 2504.00661; spec/DYNMOLE.md §1-3, §8).
 
-Implements, as pure jit-able JAX functions (the adapter modules call them):
+Normalised Tsallis entropy of the router distribution; exclusive top-p with a keep-top-k floor; broadcast
+(soft routing over all M experts) when the entropy exceeds a threshold; no renormalisation; plus the
+auxiliary losses (pooled Tsallis-entropy loss and a soft, padding-masked load-balance loss).
 
-- PERFT-R top-K gating (PERFT, arXiv 2411.08212, spec/PERFT.md §3): softmax in float32 over the M adapter
-  experts, top-K, renormalise the K weights iff the base model does (HF OLMoE ``norm_topk_prob``, Mixtral
-  always).
-- The Switch/Mixtral load-balancing loss exactly as HF transformers' ``load_balancing_loss_func``
-  (spec/PERFT.md §4): all layers' rows pooled, padding excluded from both averages.
-- DynMoLE hybrid routing (Li et al., arXiv 2504.00661, spec/DYNMOLE.md §1-3 and §8): normalised Tsallis
-  entropy of the router distribution, exclusive top-p with a keep-top-k floor, broadcast (soft routing over
-  all M experts) when the entropy exceeds a threshold, no renormalisation; plus its auxiliary losses
-  (pooled Tsallis-entropy loss and a soft, padding-masked load-balance loss).
-
-Axis letters: T tokens (any leading shape is allowed where noted), M adapter experts, K top-k,
-R pooled router rows (layers x tokens), E experts of a generic router. All math runs in float32 whatever
-the input dtype; casting the gate weights back to the compute dtype is the caller's job (PERFT.md §3).
+Axis letters: T tokens, M adapter experts, R pooled router rows (layers x tokens). All math in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from perft_jax.errors import UserError
-
-RouterLogits = Union[jax.Array, Sequence[jax.Array]]
-
-
-def topk_routing(router_logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-K gate of a PERFT-R adapter router (or of a frozen OLMoE/Mixtral router).
-
-    The softmax runs over all M experts *before* the top-K (HF ``OlmoeTopKRouter``/``MixtralTopKRouter``), so
-    without renormalisation the K weights sum to less than 1; PERFT.md §3/§8.2 require renormalising exactly
-    when the base model does, which is why ``renormalize`` is an explicit argument and not a default.
-
-    Args:
-        router_logits: [T, M] router logits, any dtype (any leading shape instead of T is accepted).
-        k: number of experts per token, a static int in [1, M].
-        renormalize: static bool; divide the K weights by their sum (Mixtral; OLMoE iff ``norm_topk_prob``).
-
-    Returns:
-        weights: [T, K] float32 gate weights, in descending order of probability.
-        indices: [T, K] int32 expert indices (ties go to the lower index).
-        probs: [T, M] float32 softmax over all M experts (for aux losses and logging).
-    """
-    num_experts = router_logits.shape[-1]
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
-        raise UserError(f"top_k: expected int in [1, num_experts={num_experts}], got {k!r}")
-    # HF: softmax(router_logits, dtype=torch.float) -> fp32 whatever the compute dtype (PERFT.md §1).
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [T, M]
-    weights, indices = jax.lax.top_k(probs, k)  # [T, K]
-    if renormalize:
-        # HF OLMoE/Mixtral: router_top_value /= router_top_value.sum(dim=-1, keepdim=True).
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, indices.astype(jnp.int32), probs
-
-
-def _as_layers(router_logits_per_layer: RouterLogits) -> list[jax.Array]:
-    """Returns the per-layer logits as a list (one entry for a single or stacked array)."""
-    if isinstance(router_logits_per_layer, (list, tuple)):
-        if not router_logits_per_layer:
-            raise UserError("router_logits_per_layer: expected at least one layer, got an empty sequence")
-        return [jnp.asarray(z) for z in router_logits_per_layer]
-    return [jnp.asarray(router_logits_per_layer)]
-
-
-def _pool_router_rows(
-    router_logits_per_layer: RouterLogits, num_experts: int, attention_mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array | None]:
-    """Concatenates all layers' router logits into one [R, E] fp32 table and tiles the padding mask to it.
-
-    Both HF (PERFT.md §4) and DynMoLE (DYNMOLE.md §3, MoE-PEFT issue #6) pool the rows of every layer before
-    averaging, so the losses are means over (layer, token) rather than per-layer sums. Rows are layer-major,
-    each layer holding B*T rows in the order of ``attention_mask.reshape(-1)``.
-
-    Returns:
-        rows: [R, E] float32 logits.
-        row_mask: [R] float32 (1 = real token), or None without an attention mask.
-    """
-    layers = _as_layers(router_logits_per_layer)
-    for z in layers:
-        if z.ndim < 2 or z.shape[-1] != num_experts:
-            raise UserError(
-                f"router_logits_per_layer: expected [..., num_experts={num_experts}] arrays, got shape {z.shape}"
-            )
-    rows = jnp.concatenate([z.reshape(-1, num_experts).astype(jnp.float32) for z in layers], axis=0)
-    if attention_mask is None:
-        return rows, None
-    flat_mask = jnp.asarray(attention_mask).reshape(-1).astype(jnp.float32)  # [B*T]
-    tokens = flat_mask.shape[0]
-    per_layer_rows = [math.prod(z.shape[:-1]) for z in layers]
-    if len(layers) > 1 and any(n != tokens for n in per_layer_rows):
-        raise UserError(
-            f"attention_mask: each layer needs B*T={tokens} router rows to match the mask, got {per_layer_rows}"
-        )
-    if rows.shape[0] % tokens:
-        raise UserError(
-            f"attention_mask: {rows.shape[0]} router rows are not a whole number of B*T={tokens} token blocks"
-        )
-    # The same [B*T] mask applies to every layer's block of rows (HF flat_mask; DynMoLE expand over layers).
-    return rows, jnp.tile(flat_mask, rows.shape[0] // tokens)  # [R]
-
-
-def load_balancing_loss(
-    router_logits_per_layer: RouterLogits,
-    num_experts: int,
-    top_k: int,
-    attention_mask: jax.Array | None = None,
-) -> jax.Array:
-    """Switch/Mixtral load-balancing loss, equal to HF transformers' ``load_balancing_loss_func``.
-
-    Used for both the frozen base router and the PERFT-R adapter router (PERFT.md §4). f_e is the fraction
-    of (token, slot) top-K assignments that go to expert e (so sum_e f_e = K), P_e the mean router
-    probability; loss = E * sum_e f_e * P_e, which is K for a perfectly balanced router.
-
-    Args:
-        router_logits_per_layer: a sequence over layers of [B*T, E] (or [B, T, E]) logits, or one stacked
-            [L, B*T, E] array; any dtype.
-        num_experts: E, a static int equal to the logits' last axis.
-        top_k: K, a static int.
-        attention_mask: optional [B, T] mask (1 = real token). Padding rows are excluded from both averages.
-
-    Returns:
-        [] float32 loss.
-    """
-    rows, row_mask = _pool_router_rows(router_logits_per_layer, num_experts, attention_mask)  # [R, E]
-    _, indices, probs = topk_routing(rows, top_k, renormalize=False)  # [R, K], [R, E]
-    # Each of the K distinct slots counts once (HF histc / scatter_add over selected_experts).
-    assignments = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)  # [R, E]
-    if row_mask is None:
-        tokens_per_expert = jnp.mean(assignments, axis=0)  # [E]
-        router_prob_per_expert = jnp.mean(probs, axis=0)  # [E]
-    else:
-        # HF divides by the plain mask sum (no epsilon), identically for both factors.
-        total_rows = jnp.sum(row_mask)
-        tokens_per_expert = jnp.sum(assignments * row_mask[:, None], axis=0) / total_rows
-        router_prob_per_expert = jnp.sum(probs * row_mask[:, None], axis=0) / total_rows
-    return num_experts * jnp.sum(tokens_per_expert * router_prob_per_expert)
+from perft_jax.moe.routing import RouterLogits, as_layers, pool_router_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +53,7 @@ class DynMoLEConfig:
 
     @property
     def broadcast_enabled(self) -> bool:
-        """Whether the entropy switch is active: reference ``entropy_index > 0 and entropy_threshold < 1.0``."""
+        """Whether the entropy switch is on (reference: ``entropy_index > 0 and entropy_threshold < 1.0``)."""
         return self.entropy_index > 0.0 and self.entropy_threshold < 1.0
 
     def validate(self, num_experts: int, prefix: str = "dynmole") -> "DynMoLEConfig":
@@ -203,12 +81,18 @@ class DynMoLEConfig:
             fail("num_experts", "int >= 2", num_experts)
         if not (is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             fail("top_p", "float in (0, 1]", self.top_p)
-        if not isinstance(self.keep_top_k, int) or isinstance(self.keep_top_k, bool) or not (
-            1 <= self.keep_top_k <= num_experts
+        if (
+            not isinstance(self.keep_top_k, int)
+            or isinstance(self.keep_top_k, bool)
+            or not (1 <= self.keep_top_k <= num_experts)
         ):
             fail("keep_top_k", f"int in [1, num_experts={num_experts}]", self.keep_top_k)
         if not (is_real(self.entropy_threshold) and self.entropy_threshold > 0.0):
-            fail("entropy_threshold", "float in (0, 1), or >= 1 to disable broadcasting", self.entropy_threshold)
+            fail(
+                "entropy_threshold",
+                "float in (0, 1), or >= 1 to disable broadcasting",
+                self.entropy_threshold,
+            )
         if not (is_real(self.entropy_index) and 0.0 < self.entropy_index <= 2.0):
             fail("entropy_index", "float in (0, 2] (Tsallis q; 1 = Shannon)", self.entropy_index)
         if not (is_real(self.entropy_eps) and self.entropy_eps > 0.0):
@@ -226,10 +110,11 @@ class DynMoLEConfig:
 def tsallis_entropy(probs: jax.Array, q: float = 1.1, eps: float = 1e-5, normalize: bool = True) -> jax.Array:
     """Tsallis entropy of each router distribution, normalised by its uniform-distribution maximum.
 
-    DynMoLE measures routing uncertainty with it (DYNMOLE.md §1): S_q(p) = (1 - sum_i (p_i + eps)^q) / (q - 1),
-    Shannon for q = 1, divided by S_q^max = (1 - M^(1-q)) / (q - 1) (ln M for q = 1) so that one threshold
-    means the same thing for every M. eps is added without renormalising, as in the reference, so a
-    uniform distribution scores slightly below 1 (0.9997 at M = 6).
+    DynMoLE measures routing uncertainty with it (DYNMOLE.md §1):
+    S_q(p) = (1 - sum_i (p_i + eps)^q) / (q - 1) (Shannon entropy for q = 1), divided by
+    S_q^max = (1 - M^(1-q)) / (q - 1) (ln M for q = 1), so that one threshold means the same for every M.
+    eps is added without renormalising, as in the reference, so a uniform distribution scores slightly
+    below 1 (0.9997 at M = 6).
 
     Args:
         probs: [T, M] probabilities (any leading shape); computed in float32.
@@ -373,9 +258,9 @@ def dynmole_aux_loss(
     Returns:
         DynMoLEAuxLoss with float32 scalars and [M] per-expert statistics.
     """
-    num_experts = _as_layers(router_logits_per_layer)[0].shape[-1]
+    num_experts = as_layers(router_logits_per_layer)[0].shape[-1]
     config.validate(num_experts)
-    rows, row_mask = _pool_router_rows(router_logits_per_layer, num_experts, attention_mask)  # [R, M]
+    rows, row_mask = pool_router_rows(router_logits_per_layer, num_experts, attention_mask)  # [R, M]
     routing = dynmole_routing(rows, config)
     if row_mask is None:
         entropy_loss = jnp.mean(routing.entropy)

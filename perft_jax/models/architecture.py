@@ -37,3 +37,49 @@ def rope_theta_of(hf_config: Any, source: str) -> float:
 def require(condition: bool, source: str, message: str) -> None:
     if not condition:
         raise UserError(f"{source}: {message}")
+
+
+def shared_fields_from_hf(hf_config: Any, source: str) -> dict[str, Any]:
+    """The ModelConfig fields OLMoE and Mixtral read from the same HF config keys."""
+    require(hf_config.hidden_act == "silu", source,
+            f"hidden_act {hf_config.hidden_act!r} is not supported (only 'silu')")
+    return dict(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        rms_norm_eps=float(hf_config.rms_norm_eps),
+        rope_theta=rope_theta_of(hf_config, source),
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        router_aux_loss_coef=float(hf_config.router_aux_loss_coef),
+        max_position_embeddings=hf_config.max_position_embeddings,
+        pad_token_id=hf_config.pad_token_id,
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_id=hf_config.eos_token_id,
+    )
+
+
+def shared_fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json keys OLMoE and Mixtral spell the same way."""
+    return dict(
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        hidden_act="silu",
+    )

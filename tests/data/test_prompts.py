@@ -1,12 +1,12 @@
 """Specs for the LLM-Adapters prompt templates (data README §2, §3; PERFT.md §7)."""
 from __future__ import annotations
 
-import ast
 import json
 import pathlib
 import re
 
 import pytest
+from testing_utils import imported_top_level_modules
 
 from perft_jax.data import prompts
 from perft_jax.data.prompts import (
@@ -219,11 +219,4 @@ def test_train_prompts_for_real_records(shared_dir):
 
 
 def test_module_imports_no_jax():
-    source = pathlib.Path(prompts.__file__).read_text()
-    imported = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"jax", "flax", "numpy", "transformers"}
+    assert not imported_top_level_modules(prompts.__file__) & {"jax", "flax", "numpy", "transformers"}

@@ -5,12 +5,12 @@ our scorer must give the same `pred` and `flag` on every row and so the same acc
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import pathlib
 
 import pytest
+from testing_utils import imported_top_level_modules
 
 from perft_jax.data.prompts import commonsense_eval_prompt, math_eval_prompt
 from perft_jax.eval import scoring
@@ -245,14 +245,7 @@ def test_macro_average_is_unweighted():
 
 
 def test_module_imports_no_jax():
-    source = pathlib.Path(scoring.__file__).read_text()
-    imported = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"jax", "flax", "transformers"}
+    assert not imported_top_level_modules(scoring.__file__) & {"jax", "flax", "transformers"}
 
 
 # --- eval-set files, README "Files" and §1 --------------------------------------------------------------

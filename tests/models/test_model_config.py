@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests_paths import CONFIGS
+from testing_utils import CONFIGS
 
 from perft_jax import ModelConfig, UserError, abstract_model, init_model
 from perft_jax.models import read_hf_config_file

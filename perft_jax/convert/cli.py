@@ -8,6 +8,7 @@ Bad input ends with a one-line `error: ...` naming the file, key or tensor, and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import sys
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.hf_dir is None:
         raise UserError("--hf-dir DIR is required (or --export --ckpt DIR)")
+    if args.verify and importlib.util.find_spec("torch") is None:  # fail before converting, not after
+        raise UserError("--verify needs torch (pip install 'perft-jax[hf]')")
     from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 
     cfg = convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,

@@ -14,7 +14,7 @@ def compare_with_hf(hf_dir: pathlib.Path, ckpt_dir: pathlib.Path, seq_len: int =
         import torch
         import transformers
     except ImportError:
-        raise UserError("--verify needs torch (pip install 'perft-jax[test]' or torch==2.13.0)") from None
+        raise UserError("--verify needs torch (pip install 'perft-jax[hf]')") from None
     import jax
     import jax.numpy as jnp
 

@@ -193,3 +193,24 @@ def test_verify_flag_prints_logit_difference(hf_dir, tmp_path, capsys):
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verify:")][0]
     rel = float(line.split("relative L2 ")[1].split()[0])
     assert rel <= 1e-5
+
+
+def test_converts_without_torch_installed(hf_dir, tmp_path):
+    """The converter reads safetensors with numpy: it runs where torch is not installed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['torch'] = None  # find_spec -> None, import -> ImportError: 'not installed'\n"
+        "from perft_jax.convert.cli import main\n"
+        f"rc = main(['--hf-dir', {str(hf_dir)!r}, '--out', {str(tmp_path / 'ckpt')!r}, '--no-progress'])\n"
+        "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
+        f"rc2 = main(['--hf-dir', {str(hf_dir)!r}, '--out', {str(tmp_path / 'other')!r}, '--no-progress',"
+        " '--verify'])\n"
+        "sys.exit(10 * rc + rc2)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]  # import ok (0); --verify without torch: exit 2
+    assert "error: --verify needs torch" in result.stderr
+    assert base_ckpt.is_base_checkpoint(tmp_path / "ckpt")
+    assert not (tmp_path / "other").exists()  # refused before converting

@@ -55,6 +55,19 @@ def _time(fn, x, repeats: int) -> tuple[float, float, tuple]:
     return statistics.median(times), first, out
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul throughput as XLA reaches it: the denominator for any MFU figure."""
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    median, _, _ = _time(jax.jit(lambda m: m @ m), a, repeats)
+    return 2 * n**3 / median / 1e9
+
+
+def _flops(args, full: bool) -> float:
+    """Useful expert FLOPs of one fwd+bwd: only the K chosen experts per token count (dense does E/K x more)."""
+    forward = 2 * args.tokens * args.top_k * 3 * args.hidden * args.intermediate
+    return forward * (3 if full else 2)  # backward: dx only (frozen) or dx + dW (full)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048)
@@ -68,11 +81,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     x32 = jax.random.normal(jax.random.key(0), (1, args.tokens, args.hidden), jnp.float32)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
+    peak = matmul_peak_gflops()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  "
+          f"float32 matmul peak (jit, 2048^2): {peak:.0f} GFLOP/s")
     print(f"layer: T={args.tokens} D={args.hidden} E={args.experts} top-{args.top_k} I={args.intermediate}, "
           f"capacity factor {args.capacity_factor}; median of {args.repeats}\n")
-    header = f"{'backend':<10} {'dtype':<9} {'backward':<8} {'fwd+bwd ms':>11} {'compile+1st s':>14} " \
-             f"{'dropped':>8} {'loss':>12}"
+    header = f"{'backend':<10} {'dtype':<9} {'backward':<8} {'fwd+bwd ms':>11} {'useful GFLOP/s':>15} " \
+             f"{'compile+1st s':>14} {'dropped':>8} {'loss':>12}"
     print(header)
     print("-" * len(header))
     for dtype in args.dtypes.split(","):
@@ -90,7 +105,8 @@ def main(argv=None) -> None:
                     np.testing.assert_allclose(float(value), reference[0], rtol=tol)
                     np.testing.assert_allclose(np.asarray(dx, np.float32), reference[1], rtol=tol, atol=tol)
                 print(f"{backend:<10} {dtype:<9} {'full' if full else 'frozen':<8} {median * 1e3:>11.1f} "
-                      f"{first:>14.2f} {int(dropped):>8} {float(value):>12.4f}")
+                      f"{_flops(args, full) / median / 1e9:>15.1f} {first:>14.2f} {int(dropped):>8} "
+                      f"{float(value):>12.4f}")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def _step(block: SparseMoeBlock, full: bool):
     graphdef, params = nnx.split(block)
 
     def loss(p, x):
-        y, _, dropped = nnx.merge(graphdef, p)(x)
-        return jnp.sum(jnp.square(y.astype(jnp.float32))), dropped
+        y, aux = nnx.merge(graphdef, p)(x)
+        return jnp.sum(jnp.square(y.astype(jnp.float32))), aux.dropped
 
     argnums = (0, 1) if full else 1
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))

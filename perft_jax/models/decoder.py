@@ -21,6 +21,7 @@ class MoeLMOutput:
     logits: jax.Array  # [B, T, V]
     router_logits: jax.Array  # [L, B, T, E], the base routers' logits of every layer
     dropped_tokens: jax.Array  # [L] int32, (token, expert) pairs dropped by a capacity backend
+    adapter_router_logits: jax.Array | None = None  # [L, B, T, M] PERFT-R routers' logits, if attached
 
 
 class DecoderLayer(nnx.Module):
@@ -32,8 +33,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask):
         x = x + self.attn(self.input_norm(x), cos, sin, mask)
-        moe_out, router_logits, dropped = self.moe(self.post_attn_norm(x))
-        return x + moe_out, router_logits, dropped
+        moe_out, aux = self.moe(self.post_attn_norm(x))
+        return x + moe_out, aux
 
 
 class MoeForCausalLM(nnx.Module):
@@ -55,15 +56,16 @@ class MoeForCausalLM(nnx.Module):
         x = self.embed(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         mask = causal_mask(attention_mask, b, t, cfg.sliding_window)
-        router_logits, dropped = [], []
+        auxes = []
         for layer in self.layers:
-            x, logits, n_dropped = layer(x, cos, sin, mask)
-            router_logits.append(logits)
-            dropped.append(n_dropped)
+            x, aux = layer(x, cos, sin, mask)
+            auxes.append(aux)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return MoeLMOutput(logits=logits, router_logits=jnp.stack(router_logits),
-                           dropped_tokens=jnp.stack(dropped))
+        adapter_logits = [a.adapter_router_logits for a in auxes if a.adapter_router_logits is not None]
+        return MoeLMOutput(logits=logits, router_logits=jnp.stack([a.router_logits for a in auxes]),
+                           dropped_tokens=jnp.stack([a.dropped for a in auxes]),
+                           adapter_router_logits=jnp.stack(adapter_logits) if adapter_logits else None)
 
 
 

@@ -107,12 +107,18 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(cfg.num_kv_heads * hd, cfg.rms_norm_eps, cfg, axes=("kv_heads",))
         else:
             self.q_norm = self.k_norm = None
+        # Optional low-rank deltas on q_proj / v_proj outputs (the qv_lora baseline), attached later.
+        self.q_lora, self.v_lora = nnx.data(None), nnx.data(None)
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_lora is not None:  # HF PEFT wraps q_proj / v_proj: the delta joins before the q norm
+            q = q + self.q_lora(x).astype(q.dtype)
+        if self.v_lora is not None:
+            v = v + self.v_lora(x).astype(v.dtype)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:  # after the norm, as in HF OlmoeAttention

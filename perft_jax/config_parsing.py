@@ -1,0 +1,152 @@
+"""Typed config trees from YAML: frozen dataclasses, strict keys, `key=value` overrides.
+
+A config section is a frozen dataclass whose field annotations are the schema. `from_dict` builds one
+from plain data (parsed YAML / JSON), refusing unknown keys and values of the wrong type with a one-line
+error naming the full dotted key, then calls the section's `validate_config(prefix)` for range and cross-field
+checks. `apply_overrides` folds command-line `a.b.c=value` strings (values parsed as YAML scalars or
+lists) into the data before it is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from perft_jax.errors import UserError
+
+T = TypeVar("T")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp` and convert it (lists -> tuples, ints -> floats, sections)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except UserError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            (item_type, *_rest) = typing.get_args(tp)
+            return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, key)
+        if isinstance(value, tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise UserError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str) -> T:
+    """Build dataclass `cls` from `data`; errors name `prefix.key`."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise UserError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+    values = {key: _convert(value, hints[key], f"{prefix}.{key}") for key, value in data.items()}
+    try:
+        obj = cls(**values)
+    except TypeError as e:  # a required field without default
+        raise UserError(f"{prefix}: {e}") from None
+    validate = getattr(obj, "validate_config", None)
+    if callable(validate):
+        validate(prefix)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON/YAML-able data of a config tree (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Fold `a.b.c=value` strings into a copy of `data`; values are parsed as YAML (`4`, `[2,4]`, `null`)."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value, e.g. perft.top_k=2")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"override {key}: cannot parse value {raw!r}") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    return data

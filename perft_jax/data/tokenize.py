@@ -1,0 +1,252 @@
+"""Tokenizers without the Hub, and the LLM-Adapters training tokenisation (data README §2).
+
+`load_tokenizer` opens an HF tokenizer folder, a bare `tokenizer.json`, or a SentencePiece `.model` file
+(shared/spec/ENGINEERING.md §8). `tokenize_example` / `tokenize_batch` implement README §2 "Tokenization and
+loss" as upstream `finetune.py` does: truncate at `cutoff_len`, append EOS only when the last token is not EOS
+and there is room, copy the ids to labels, and with `train_on_inputs=False` mask as many leading labels as the
+prompt prefix has tokens.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from perft_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from perft_jax.data.config import DataConfig
+
+# Label of a token the loss ignores (HF / optax convention, README §2).
+IGNORE_INDEX = -100
+
+# Special-token spellings looked up in a bare tokenizer.json, which carries no tokenizer_config.json.
+# OLMoE's file (ENGINEERING.md §8): eos `<|endoftext|>` = 50279, pad `<|padding|>` = 1, no BOS.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+_PAD_NAMES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer; `load_tokenizer` returns one."""
+
+    eos_id: int | None
+    pad_id: int | None
+    bos_id: int | None
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Ids of `text` with the tokenizer's own special tokens (BOS for Llama/Mixtral), truncated at
+        `max_length` tokens counting those special tokens, as HF `tokenizer(text, truncation=True)` does."""
+        ...
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """`encode` over many texts (one Rust call for HF tokenizers)."""
+        ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`."""
+        ...
+
+
+class _HFTokenizer:
+    """An HF `PreTrainedTokenizerBase` (from a folder, via AutoTokenizer)."""
+
+    def __init__(self, tok, source: str):
+        self._tok = tok
+        self.source = source
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id
+        self.bos_id = tok.bos_token_id
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        return self.encode_batch([text], max_length)[0]
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        out = self._tok(list(texts), truncation=max_length is not None, max_length=max_length, padding=False,
+                        add_special_tokens=True)
+        return [list(ids) for ids in out["input_ids"]]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class _TokenizersFile:
+    """A bare `tokenizer.json` read with the `tokenizers` library (what PreTrainedTokenizerFast wraps)."""
+
+    def __init__(self, tok, source: str, eos_token: str | None, pad_token: str | None, bos_token: str | None):
+        self._tok = tok
+        self.source = source
+        self.eos_id = self._find(eos_token, _EOS_NAMES, "eos_token")
+        if self.eos_id is None:
+            raise UserError(f"{source}: no EOS token among {list(_EOS_NAMES)}; pass eos_token=...")
+        self.pad_id = self._find(pad_token, _PAD_NAMES, "pad_token")
+        self.bos_id = self._find(bos_token, _BOS_NAMES, "bos_token")
+
+    def _find(self, given: str | None, names: tuple[str, ...], what: str) -> int | None:
+        if given is not None:
+            token_id = self._tok.token_to_id(given)
+            if token_id is None:
+                raise UserError(f"{self.source}: {what}={given!r} is not in the vocabulary")
+            return token_id
+        return next((self._tok.token_to_id(n) for n in names if self._tok.token_to_id(n) is not None), None)
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        return self.encode_batch([text], max_length)[0]
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        # Truncation is tokenizer state here; HF sets it per call the same way (longest_first, right side,
+        # special tokens counted in max_length).
+        if max_length is None:
+            self._tok.no_truncation()
+        else:
+            self._tok.enable_truncation(max_length)
+        try:
+            return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=True)]
+        finally:
+            self._tok.no_truncation()
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class _SentencePiece:
+    """A SentencePiece model: exact Llama/Mixtral ids (ENGINEERING.md §8: HF's converted tokenizers differ on
+    some whitespace and parse a literal "<s>" as BOS; `LlamaTokenizer(vocab_file=...)` is silently empty)."""
+
+    def __init__(self, path: str, add_bos: bool = True, add_eos: bool = False):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.source = path
+        self._add_bos, self._add_eos = add_bos, add_eos
+        # SentencePiece reports a missing special token as -1.
+        self.bos_id, self.eos_id, self.pad_id = (
+            i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()))
+        if (add_bos and self.bos_id is None) or (add_eos and self.eos_id is None):
+            raise UserError(f"{path}: the model has no BOS/EOS piece to add")
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        return self.encode_batch([text], max_length)[0]
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        head = [self.bos_id] if self._add_bos else []
+        tail = [self.eos_id] if self._add_eos else []
+        keep = None if max_length is None else max(max_length - len(head) - len(tail), 0)
+        # Like HF truncation: the text is cut, then the special tokens are added around it.
+        return [head + ids[:keep] + tail for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        # Control pieces (<s>, </s>) decode to "" in SentencePiece either way.
+        return self._sp.decode(list(ids))
+
+
+def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = None, pad_token: str | None = None,
+                   bos_token: str | None = None) -> Tokenizer:
+    """Opens a tokenizer from local files only (never the Hub, never remote code).
+
+    - a `.model` file: SentencePiece with BOS added, as Mixtral's and Llama's tokenizers do;
+    - a folder with `tokenizer.model`: the same, honouring `add_bos_token` / `add_eos_token` of its
+      `tokenizer_config.json` (ENGINEERING.md §8: AutoTokenizer on such a folder can drop the "▁" prefix);
+    - any other folder: `AutoTokenizer.from_pretrained(dir, local_files_only=True)`;
+    - a `.json` file: a bare `tokenizers` file (e.g. OLMoE's); special tokens are found by their usual
+      spellings unless given.
+
+    Args:
+        path_or_dir: the file or folder.
+        eos_token, pad_token, bos_token: spellings of the special tokens, for a bare `tokenizer.json` only.
+
+    Raises:
+        UserError: the path is missing or of an unknown kind, or the tokenizer has no EOS.
+    """
+    path = pathlib.Path(path_or_dir)
+    if not path.exists():
+        raise UserError(f"{path}: tokenizer file or folder not found")
+    if path.is_dir():
+        if (path / "tokenizer.model").is_file():
+            flags = {}
+            config_file = path / "tokenizer_config.json"
+            if config_file.is_file():
+                flags = json.loads(config_file.read_text())
+            return _SentencePiece(str(path / "tokenizer.model"), add_bos=bool(flags.get("add_bos_token", True)),
+                                  add_eos=bool(flags.get("add_eos_token", False)))
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot load an HF tokenizer from this folder ({err})") from err
+        return _HFTokenizer(tok, str(path))
+    if path.suffix == ".model":
+        return _SentencePiece(str(path))
+    if path.suffix == ".json":
+        import tokenizers
+
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a bare Exception for a malformed file
+            raise UserError(f"{path}: not a `tokenizers` JSON file ({err})") from err
+        return _TokenizersFile(tok, str(path), eos_token, pad_token, bos_token)
+    raise UserError(f"{path}: expected a tokenizer folder, a tokenizer.json or a SentencePiece .model file")
+
+
+class TokenizedExample(NamedTuple):
+    """One training row (README §2). Both lists have the same length, at most `cutoff_len`.
+
+    input_ids: [T] token ids, EOS-terminated when it was not truncated.
+    labels: [T] a copy of input_ids, with IGNORE_INDEX on the prompt when `train_on_inputs=False`.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_batch(tokenizer: Tokenizer, prompts: Sequence[str], fulls: Sequence[str],
+                   cfg: DataConfig) -> list[TokenizedExample]:
+    """`tokenize_example` over many rows, with one tokenizer call per list of texts.
+
+    Raises:
+        UserError: a text tokenises to no tokens (upstream would fail on `input_ids[-1]`); the message
+            gives the row's position in this batch, for the caller to name the file and row.
+    """
+    full_ids = tokenizer.encode_batch(fulls, max_length=cfg.cutoff_len)
+    prompt_lens = None
+    if not cfg.train_on_inputs:
+        # Upstream tokenises the prefix with the same truncation and without EOS; its length is the mask
+        # count. The prefix ends in spaces, so this can be one off the true boundary: kept as upstream.
+        prompt_lens = [len(ids) for ids in tokenizer.encode_batch(prompts, max_length=cfg.cutoff_len)]
+    if cfg.add_eos and tokenizer.eos_id is None:
+        raise UserError("data.add_eos: the tokenizer has no EOS token")
+    out = []
+    for i, ids in enumerate(full_ids):
+        if not ids:
+            raise UserError(f"batch position {i}: the text tokenises to no tokens")
+        ids = list(ids)
+        # README §2: EOS only if not already there AND the sequence is shorter than the cutoff, so a
+        # truncated example gets none.
+        if cfg.add_eos and ids[-1] != tokenizer.eos_id and len(ids) < cfg.cutoff_len:
+            ids.append(tokenizer.eos_id)
+        labels = list(ids)
+        if prompt_lens is not None:
+            # Upstream's `[-100] * n + labels[n:]` would make labels longer than the ids if the prefix had more
+            # tokens than the (truncated) full text; clamping keeps both the same length.
+            n = min(prompt_lens[i], len(labels))
+            labels[:n] = [IGNORE_INDEX] * n
+        out.append(TokenizedExample(ids, labels))
+    return out
+
+
+def tokenize_example(tokenizer: Tokenizer, prompt: str, full: str, cfg: DataConfig) -> TokenizedExample:
+    """Tokenises one training text as upstream `generate_and_tokenize_prompt` does (README §2).
+
+    Args:
+        tokenizer: from `load_tokenizer`.
+        prompt: the template with an empty output (`PromptSplit.prompt`); used only with
+            `cfg.train_on_inputs=False`.
+        full: the whole training text (`PromptSplit.full`).
+        cfg: uses `cutoff_len`, `add_eos` and `train_on_inputs`.
+
+    Returns:
+        input_ids and labels, each [T] with T <= cfg.cutoff_len.
+    """
+    return tokenize_batch(tokenizer, [prompt], [full], cfg)[0]

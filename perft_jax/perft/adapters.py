@@ -1,0 +1,102 @@
+"""Adapter experts ("functional strategies", spec/PERFT.md §2) and the parameter type that marks them.
+
+Every trainable PERFT weight is an :class:`AdapterParam`, an `nnx.Param` subclass: optimizers, gradient
+splits, checkpoints and parameter counts filter on that type, so the frozen base never gets gradients
+or optimizer state.
+
+An :class:`AdapterBank` holds M adapter experts of one form with stacked weights and computes them all
+densely, combined with per-token gates [T, M]: PERFT adapters are tiny next to the base experts, so
+dense compute is cheaper than dispatching (spec/ENGINEERING.md §5).
+
+Shapes: T tokens, D model width, M adapter experts, R bottleneck (LoRA rank r or adapter width D_B).
+Weights are stored (in, out), i.e. the reference PyTorch `nn.Linear` weights transposed.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perft_jax.perft.config import PerftConfig
+
+ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu, "identity": lambda x: x}
+
+
+class AdapterParam(nnx.Param):
+    """A trainable PERFT parameter (adapter matrices and adapter routers); everything else stays frozen."""
+
+
+def first_matrix_init(key, shape, dtype) -> jax.Array:
+    """Reference init of the first matrix (PERFT `utils.py`): randn * sqrt(2 / out), out = r or D_B."""
+    return (jax.random.normal(key, shape, jnp.float32) * jnp.sqrt(2.0 / shape[-1])).astype(dtype)
+
+
+def second_matrix_init(key, shape, dtype, init: str) -> jax.Array:
+    """randn * 1e-6 (the reference's near-zero start) or exact zeros (the model starts as the base)."""
+    if init == "zero":
+        return jnp.zeros(shape, dtype)
+    return (jax.random.normal(key, shape, jnp.float32) * 1e-6).astype(dtype)
+
+
+class AdapterBank(nnx.Module):
+    """M adapter experts of one form: `__call__(x [T, D], gates [T, M] | None) -> [T, D]`."""
+
+    def __init__(self, num: int, width: int, cfg: PerftConfig, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, dtype=jnp.float32):
+        r = cfg.bottleneck
+        self.form = cfg.adapter
+        if cfg.adapter == "lora":
+            self.lora_A = AdapterParam(first_matrix_init(rngs.params(), (num, width, r), param_dtype),
+                                       axes=("adapters", "embed", "adapter_rank"))
+            self.lora_B = AdapterParam(second_matrix_init(rngs.params(), (num, r, width), param_dtype, cfg.init),
+                                       axes=("adapters", "adapter_rank", "embed"))
+            self.scale = cfg.lora_alpha / r
+        else:
+            self.adapter_w1 = AdapterParam(first_matrix_init(rngs.params(), (num, width, r), param_dtype),
+                                           axes=("adapters", "embed", "adapter_rank"))
+            self.adapter_w2 = AdapterParam(second_matrix_init(rngs.params(), (num, r, width), param_dtype,
+                                                              cfg.init),
+                                           axes=("adapters", "adapter_rank", "embed"))
+            self.activation = cfg.activation
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.num = num
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, gates: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        if self.form == "lora":
+            first, second = self.lora_A[...].astype(self.dtype), self.lora_B[...].astype(self.dtype)
+            h = jnp.einsum("td,mdr->mtr", self.dropout(x), first) * self.scale  # dropout on the input
+        else:
+            first, second = self.adapter_w1[...].astype(self.dtype), self.adapter_w2[...].astype(self.dtype)
+            # Parallel adapter: dropout after W1, before the activation (reference Parallel_Adapter).
+            h = ACTIVATIONS[self.activation](self.dropout(jnp.einsum("td,mdr->mtr", x, first)))  # [M, T, R]
+        if gates is not None:
+            h = h * gates.astype(self.dtype).T[:, :, None]  # gate before the second matmul: no [M, T, D]
+        return jnp.einsum("mtr,mrd->td", h, second)
+
+    def params_per_adapter(self) -> int:
+        first = self.lora_A if self.form == "lora" else self.adapter_w1
+        return 2 * first.shape[1] * first.shape[2]
+
+
+class LoRA(nnx.Module):
+    """HF-PEFT-style LoRA on one projection: x -> B A dropout(x) * alpha / r (the `qv_lora` baseline).
+
+    Init as PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+    """
+
+    def __init__(self, in_features: int, out_features: int, cfg: PerftConfig, rngs: nnx.Rngs,
+                 axes: tuple[str, str], param_dtype=jnp.float32, dtype=jnp.float32):
+        r = cfg.bottleneck
+        bound = 1.0 / jnp.sqrt(in_features)
+        self.lora_A = AdapterParam(jax.random.uniform(rngs.params(), (in_features, r), param_dtype, -bound, bound),
+                                   axes=(axes[0], "adapter_rank"))
+        self.lora_B = AdapterParam(jnp.zeros((r, out_features), param_dtype), axes=("adapter_rank", axes[1]))
+        self.scale = cfg.lora_alpha / r
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.dropout(x.astype(self.dtype))
+        return (x @ self.lora_A[...].astype(self.dtype)) @ self.lora_B[...].astype(self.dtype) * self.scale

@@ -1,0 +1,50 @@
+"""Attach freshly initialised PERFT adapters to a base model, or find the ones it carries."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perft_jax.errors import UserError
+from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.perft.adapters import AdapterParam, LoRA
+from perft_jax.perft.branches import EmbeddedAdapters, RoutedAdapters, SharedAdapters
+from perft_jax.perft.config import PerftConfig
+
+
+def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
+                 param_dtype=jnp.float32) -> MoeForCausalLM:
+    """Add the adapters `cfg` describes to every layer of `model` (in place; also returned).
+
+    Adapter weights are kept in `param_dtype` (float32 by default, also under a bfloat16 base: the
+    paper's setup) and computed in the model's compute dtype.
+    """
+    mcfg = model.config
+    cfg.validate_config()
+    cfg.check_model(mcfg.num_experts, mcfg.num_experts_per_tok)
+    if has_adapters(model):
+        raise UserError("model already carries adapters; load into them or start from a base model")
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    dtype = mcfg.jnp_dtype
+    d = mcfg.hidden_size
+    for layer in model.layers:
+        if cfg.variant == "perft_s":
+            layer.moe.adapters = SharedAdapters(1, d, cfg, rngs, param_dtype, dtype)
+        elif cfg.variant == "perft_d":
+            layer.moe.adapters = SharedAdapters(cfg.num_adapters, d, cfg, rngs, param_dtype, dtype)
+        elif cfg.variant == "perft_r":
+            layer.moe.adapters = RoutedAdapters(d, cfg, mcfg.norm_topk_prob, rngs, param_dtype, dtype)
+        elif cfg.variant == "perft_e":
+            layer.moe.adapters = EmbeddedAdapters(mcfg.num_experts, d, mcfg.num_experts_per_tok, cfg, rngs,
+                                                  param_dtype, dtype)
+        elif cfg.variant == "qv_lora":
+            attn = layer.attn
+            attn.q_lora = LoRA(d, mcfg.num_heads * mcfg.head_dim, cfg, rngs, ("embed", "q_heads"), param_dtype,
+                               dtype)
+            attn.v_lora = LoRA(d, mcfg.num_kv_heads * mcfg.head_dim, cfg, rngs, ("embed", "kv_heads"),
+                               param_dtype, dtype)
+    return model
+
+
+def has_adapters(model: MoeForCausalLM) -> bool:
+    return bool(jax.tree.leaves(nnx.state(model, AdapterParam)))

@@ -1,0 +1,88 @@
+"""The PERFT compositions: how adapter experts sit beside a frozen MoE block (spec/PERFT.md §3).
+
+Each branch is called by the MoE block with the block input and the frozen router's decision:
+
+    delta, adapter_router_logits = branch(x [T, D], base_weights [T, k], base_indices [T, k])
+
+and the block adds `delta` to its output. `adapter_router_logits` [T, M] is None for unrouted branches;
+the training losses read it for the adapter router's auxiliary loss.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from perft_jax.moe.routing import topk_routing
+from perft_jax.perft.adapters import AdapterBank, AdapterParam
+from perft_jax.perft.config import PerftConfig
+from perft_jax.perft.dynmole import dynmole_routing
+
+
+def dense_gates(weights: jax.Array, indices: jax.Array, num: int) -> jax.Array:
+    """Top-k (weights, indices) [T, k] -> dense gates [T, num], zero where not selected."""
+    rows = jnp.arange(weights.shape[0])[:, None]
+    return jnp.zeros((weights.shape[0], num), weights.dtype).at[rows, indices].set(weights)
+
+
+class SharedAdapters(nnx.Module):
+    """PERFT-S (M = 1) and PERFT-D: always-on adapters, outputs summed without weights."""
+
+    def __init__(self, num: int, width: int, cfg: PerftConfig, rngs: nnx.Rngs, param_dtype, dtype):
+        self.bank = AdapterBank(num, width, cfg, rngs, param_dtype, dtype)
+
+    def __call__(self, x, base_weights, base_indices):
+        return self.bank(x), None
+
+    def activated_trainable_params(self) -> int:
+        return self.bank.num * self.bank.params_per_adapter()
+
+
+class EmbeddedAdapters(nnx.Module):
+    """PERFT-E: adapter i lives inside base expert i, so it is weighted by the frozen router's g_i."""
+
+    def __init__(self, num_experts: int, width: int, top_k: int, cfg: PerftConfig, rngs: nnx.Rngs,
+                 param_dtype, dtype):
+        self.bank = AdapterBank(num_experts, width, cfg, rngs, param_dtype, dtype)
+        self.top_k = top_k
+
+    def __call__(self, x, base_weights, base_indices):
+        # sum_{i in topk} g_i (E_i(x) + A_i(x)) = MoE(x) + sum_i g_i A_i(x)
+        return self.bank(x, dense_gates(base_weights, base_indices, self.bank.num)), None
+
+    def activated_trainable_params(self) -> int:
+        return self.top_k * self.bank.params_per_adapter()
+
+
+class RoutedAdapters(nnx.Module):
+    """PERFT-R: M adapters behind their own bias-free router (top-K or DynMoLE)."""
+
+    def __init__(self, width: int, cfg: PerftConfig, base_renormalize: bool, rngs: nnx.Rngs, param_dtype, dtype):
+        m = cfg.num_adapters
+        init = jax.random.normal(rngs.params(), (width, m), jnp.float32) * cfg.router_init_std
+        self.router = AdapterParam(init.astype(param_dtype), axes=("embed", "adapters"))
+        self.bank = AdapterBank(m, width, cfg, rngs, param_dtype, dtype)
+        self.top_k = cfg.top_k
+        self.kind = cfg.router
+        self.gate_weights = cfg.adapter_gate_weights
+        # PERFT.md §3: renormalise the K weights exactly when the base block does (OLMoE iff norm_topk_prob).
+        self.renormalize = base_renormalize
+        self.dynmole = cfg.dynmole
+        self.dtype = dtype
+
+    def __call__(self, x, base_weights, base_indices):
+        logits = jnp.dot(x.astype(self.dtype), self.router[...].astype(self.dtype))  # [T, M]
+        if self.kind == "dynmole":
+            gates = dynmole_routing(logits, self.dynmole).weights  # unnormalised, zeros off the selection
+        else:
+            weights, indices, _ = topk_routing(logits, self.top_k, self.renormalize)
+            if self.gate_weights == "base_router_rank":
+                # Reference OLMoE quirk: the s-th chosen adapter gets the s-th largest base weight.
+                weights = base_weights[:, : self.top_k].astype(jnp.float32)
+            gates = dense_gates(weights, indices, self.bank.num)
+        return self.bank(x, gates), logits
+
+    def activated_trainable_params(self) -> int:
+        """K adapters plus the router per token (for DynMoLE, K is the floor; broadcasts activate more)."""
+        return self.top_k * self.bank.params_per_adapter() + int(np.prod(self.router.shape))

@@ -16,6 +16,8 @@ from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.convert.jax_to_hf import export_hf
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.perft.attach import attach_perft
+from perft_jax.perft.config import PerftConfig
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
@@ -30,7 +32,8 @@ def abstract_model(cfg: ModelConfig) -> MoeForCausalLM:
 
 def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_dtype: str | None = None,
                moe_backend: str | None = None, capacity_factor: float | None = None,
-               sharding: jax.sharding.Sharding | None = None) -> MoeForCausalLM:
+               sharding: jax.sharding.Sharding | None = None, perft: PerftConfig | None = None,
+               seed: int = 0) -> MoeForCausalLM:
     """Restore a converted base checkpoint as an NNX model.
 
     Args:
@@ -40,6 +43,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
       param_dtype: parameter storage dtype, when it should differ from `dtype`.
       moe_backend / capacity_factor: override the MoE dispatch backend of the stored config.
       sharding: where parameters land; default: the first local device.
+      perft: attach freshly initialised PERFT adapters described by this config (seeded by `seed`).
     """
     cfg, _ = base_ckpt.read_manifest(pathlib.Path(ckpt_dir))
     changes = {"dtype": dtype, "param_dtype": param_dtype or dtype, "moe_backend": moe_backend,
@@ -51,7 +55,10 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
                           nnx.to_pure_dict(abstract_state))
     restored = base_ckpt.restore_groups(pathlib.Path(ckpt_dir), base_ckpt.group_names(cfg), target)
     nnx.replace_by_pure_dict(abstract_state, restored)
-    return nnx.merge(graphdef, abstract_state)
+    model = nnx.merge(graphdef, abstract_state)
+    if perft is not None and perft.variant != "none":
+        attach_perft(model, perft, seed=seed)
+    return model
 
 
 __all__ = ["abstract_model", "export_hf", "init_model", "load_model"]

@@ -21,6 +21,8 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
     """
     mcfg = model.config
     cfg.validate_config()
+    if cfg.variant == "none":
+        return model
     cfg.check_model(mcfg.num_experts, mcfg.num_experts_per_tok)
     if has_adapters(model):
         raise UserError("model already carries adapters; load into them or start from a base model")

@@ -201,13 +201,16 @@ class TokenizedExample(NamedTuple):
     labels: list[int]
 
 
-def tokenize_batch(tokenizer: Tokenizer, prompts: Sequence[str], fulls: Sequence[str],
-                   cfg: DataConfig) -> list[TokenizedExample]:
+def tokenize_batch(tokenizer: Tokenizer, prompts: Sequence[str], fulls: Sequence[str], cfg: DataConfig,
+                   allow_empty: bool = False) -> list[TokenizedExample]:
     """`tokenize_example` over many rows, with one tokenizer call per list of texts.
 
+    Args:
+        allow_empty: return an empty example for a text that tokenises to no tokens instead of raising, so a
+            caller can name the file and row itself.
+
     Raises:
-        UserError: a text tokenises to no tokens (upstream would fail on `input_ids[-1]`); the message
-            gives the row's position in this batch, for the caller to name the file and row.
+        UserError: a text tokenises to no tokens (upstream would fail on `input_ids[-1]`) and not allow_empty.
     """
     full_ids = tokenizer.encode_batch(fulls, max_length=cfg.cutoff_len)
     prompt_lens = None
@@ -220,7 +223,10 @@ def tokenize_batch(tokenizer: Tokenizer, prompts: Sequence[str], fulls: Sequence
     out = []
     for i, ids in enumerate(full_ids):
         if not ids:
-            raise UserError(f"batch position {i}: the text tokenises to no tokens")
+            if not allow_empty:
+                raise UserError(f"the training text tokenises to no tokens: {fulls[i][:60]!r}")
+            out.append(TokenizedExample([], []))
+            continue
         ids = list(ids)
         # README §2: EOS only if not already there AND the sequence is shorter than the cutoff, so a
         # truncated example gets none.

@@ -13,13 +13,17 @@ Weights are stored (in, out), i.e. the reference PyTorch `nn.Linear` weights tra
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from perft_jax.perft.config import PerftConfig
 
-ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu, "identity": lambda x: x}
+# As HF's ACT2FN, which the reference resolves `hidden_act` through: "gelu" is the exact (erf) form.
+ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
+               "identity": lambda x: x}
 
 
 class AdapterParam(nnx.Param):

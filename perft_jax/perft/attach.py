@@ -45,6 +45,7 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
                                dtype)
             attn.v_lora = LoRA(d, mcfg.num_kv_heads * mcfg.head_dim, cfg, rngs, ("embed", "kv_heads"),
                                param_dtype, dtype)
+    model.perft_config = cfg  # what save_adapters records (loss coefficients and init included)
     return model
 
 

@@ -69,6 +69,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string; users write it anyway
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -77,21 +82,28 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise UserError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
 
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str) -> T:
     """Build dataclass `cls` from `data`; errors name `prefix.key`."""
     data = data or {}
     if not isinstance(data, dict):
-        raise UserError(f"{prefix}: expected a mapping, got {data!r}")
+        raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise UserError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
-    values = {key: _convert(value, hints[key], f"{prefix}.{key}") for key, value in data.items()}
+            raise UserError(f"{_join(prefix, key)}: unknown key (known: {', '.join(sorted(fields))})")
+    values = {key: _convert(value, hints[key], _join(prefix, key)) for key, value in data.items()}
+    for key in fields.keys() - data.keys():  # absent sections are validated with their defaults too
+        if dataclasses.is_dataclass(hints[key]) and hasattr(hints[key], "validate_config"):
+            values[key] = from_dict(hints[key], {}, _join(prefix, key))
     try:
         obj = cls(**values)
     except TypeError as e:  # a required field without default
-        raise UserError(f"{prefix}: {e}") from None
+        raise UserError(f"{prefix or 'config'}: {e}") from None
     validate = getattr(obj, "validate_config", None)
     if callable(validate):
         validate(prefix)

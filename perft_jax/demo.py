@@ -1,92 +1,143 @@
-"""The embedded default job: a full HF -> perft-jax -> HF round trip on a tiny locally built OLMoE.
+"""The embedded default job (`python train.py` with no arguments): PERFT-R end to end on 2 CPU cores.
 
-    python -m perft_jax.demo [--workdir DIR]
+1. builds a tiny OLMoE-architecture base: random weights written as a Hugging Face directory (with a
+   byte-level BPE tokenizer trained on the task's text) and imported with the real converter;
+2. generates a small commonsense-format task in the LLM-Adapters JSON layout ("Is 47 greater than 12?"
+   -> "the correct answer is true"), a training file and a held-out test file;
+3. evaluates the base with freshly attached PERFT-R adapters (generation + the LLM-Adapters scorer),
+4. fine-tunes only the adapters with `train.py`'s training loop (validation, checkpoints, metrics),
+5. evaluates again with the kept (lowest validation loss) adapters and prints both accuracies.
 
-1. builds a tiny random `OlmoeForCausalLM` with transformers and saves it (safetensors, per-expert names);
-2. converts it with the converter CLI (`--verify` compares logits with the PyTorch model);
-3. loads the checkpoint with `perft_jax.load_model` and runs every MoE dispatch backend;
-4. exports it back to an HF directory and reloads that with transformers;
-and prints the logit errors of each step. Needs torch (`pip install -e '.[hf]'`); no network.
+Everything lives under `runs/demo/` (override with `train.output_dir=...`); the base and data are
+reused when present, and an interrupted demo resumes its training run.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import pathlib
-import sys
-import tempfile
 
 import numpy as np
 
+from perft_jax.config import Config, EvalConfig, ModelSection, TrainConfig
+from perft_jax.config_parsing import apply_overrides, from_dict, to_dict
+from perft_jax.data.config import DataConfig
+from perft_jax.data.prompts import train_prompt
+from perft_jax.perft.config import PerftConfig
+from perft_jax.train.optim import OptimConfig
 
-def _tiny_olmoe(path: pathlib.Path):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.OlmoeConfig(vocab_size=512, hidden_size=128, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                                      num_experts=16, num_experts_per_tok=4, eos_token_id=2, pad_token_id=1,
-                                      bos_token_id=0)
-    model = transformers.OlmoeForCausalLM(config).eval()
-    model.save_pretrained(str(path))
-    return model
+DEMO_DIR = pathlib.Path("runs/demo")
+TASK = "synthetic_compare"  # scored with the boolq rules: first "true"/"false" in the response
+EOS, PAD = "<|endoftext|>", "<|padding|>"
 
 
-def run(workdir: pathlib.Path) -> list[tuple[str, float]]:
-    import jax
-    import jax.numpy as jnp
-    import torch
-    import transformers
-    from flax import nnx
-
-    from perft_jax import export_hf, load_model
-    from perft_jax.convert import cli
-
-    jax.config.update("jax_default_matmul_precision", "float32")
-    hf_model = _tiny_olmoe(workdir / "hf")
-    ckpt, back = workdir / "ckpt", workdir / "hf_export"
-    if cli.main(["--hf-dir", str(workdir / "hf"), "--out", str(ckpt), "--verify", "--overwrite"]) != 0:
-        raise SystemExit(2)
-
-    ids = np.random.default_rng(0).integers(3, 512, size=(2, 24))
-    mask = np.ones_like(ids)
-    mask[1, :6] = 0
-    with torch.no_grad():
-        want = hf_model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.double().numpy()
-    keep = mask.astype(bool)
-
-    def rel_err(got) -> float:
-        got = np.asarray(got, np.float64)
-        return float(np.linalg.norm(got[keep] - want[keep]) / np.linalg.norm(want[keep]))
-
+def make_rows(rng: np.random.Generator, count: int) -> list[dict]:
+    """LLM-Adapters commonsense rows: instruction, empty input, `the correct answer is <label>`, answer."""
     rows = []
-    forward = nnx.jit(lambda model, i, a: model(i, attention_mask=a).logits)
-    for backend in ("dense", "capacity", "ragged"):
-        model = load_model(ckpt, moe_backend=backend, capacity_factor=4.0)
-        logits = forward(model, jnp.asarray(ids), jnp.asarray(mask))
-        rows.append((f"perft-jax ({backend} dispatch) vs HF PyTorch", rel_err(logits)))
-    export_hf(load_model(ckpt), back, overwrite=True)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back), dtype=torch.float32).eval()
-    with torch.no_grad():
-        again = reloaded(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    rows.append(("HF export reloaded by transformers vs original", rel_err(again)))
+    for _ in range(count):
+        a, b = rng.choice(np.arange(10, 100), size=2, replace=False)
+        answer = "true" if a > b else "false"
+        rows.append({"instruction": f"Is {a} greater than {b}? Answer true or false.", "input": "",
+                     "output": f"the correct answer is {answer}", "answer": answer})
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=pathlib.Path, help="keep the artifacts here (default: a temp dir)")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir or pathlib.Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        rows = run(workdir)
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{'check':<{width}}  relative L2 error of logits (float32; target <= 1e-5)")
-    for name, err in rows:
-        print(f"{name:<{width}}  {err:.2e}  {'ok' if err <= 1e-5 else 'FAIL'}")
-    return 0 if all(err <= 1e-5 for _, err in rows) else 1
+def _write_json(path: pathlib.Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=4))
+    tmp.replace(path)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def build_tokenizer(texts: list[str], out_dir: pathlib.Path, vocab_size: int = 384):
+    """A byte-level BPE fitted to the task (exact round trips of the templates' whitespace)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def prepare_assets(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
+    """Data files, tokenizer and converted base under `root`; reused when already there."""
+    from perft_jax import ModelConfig, export_hf, init_model
+    from perft_jax.checkpoint.base import is_base_checkpoint
+    from perft_jax.convert.hf_to_jax import convert_hf_to_jax
+
+    paths = {"train": root / "data" / "train.json", "eval_dir": root / "data" / "eval",
+             "hf": root / "base_hf", "base": root / "base"}
+    if not paths["train"].is_file():
+        rng = np.random.default_rng(seed)
+        _write_json(paths["train"], make_rows(rng, 3000))
+        _write_json(paths["eval_dir"] / TASK / "test.json", make_rows(rng, 300))
+    if not is_base_checkpoint(paths["base"]):
+        rows = json.loads(paths["train"].read_text())
+        texts = [train_prompt(r["instruction"], r["output"]) for r in rows]
+        tokenizer = build_tokenizer(texts, paths["hf"])
+        vocab = -(-len(tokenizer) // 64) * 64  # padded like real vocabularies (a multiple of 64)
+        cfg = ModelConfig(model_type="olmoe", vocab_size=vocab, hidden_size=64, intermediate_size=32,
+                          num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, num_experts=8,
+                          num_experts_per_tok=2, norm_topk_prob=False, qk_norm=True,
+                          max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, moe_backend="capacity")
+        export_hf(init_model(cfg, seed=seed), paths["hf"], overwrite=True)
+        tokenizer.save_pretrained(str(paths["hf"]))  # beside the weights, as on the hub
+        convert_hf_to_jax(paths["hf"], paths["base"], overwrite=True, show_progress=False)
+    return paths
+
+
+def demo_config(root: pathlib.Path, paths: dict, overrides: list[str]) -> Config:
+    cfg = Config(
+        model=ModelSection(checkpoint=str(paths["base"]), moe_backend="capacity"),
+        perft=PerftConfig(variant="perft_r", adapter="parallel_adapter", bottleneck=32, num_adapters=4, top_k=2),
+        data=DataConfig(train_files=(str(paths["train"]),), cutoff_len=128, val_set_size=64, batch_size=32,
+                        pad_id=1),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=20, schedule="linear"),
+        train=TrainConfig(output_dir=str(root / "run"), max_steps=300, eval_every_steps=100, log_every_steps=20),
+        eval=EvalConfig(benchmarks=(TASK,), data_dir=str(paths["eval_dir"]), batch_size=100),
+    )
+    return from_dict(Config, apply_overrides(to_dict(cfg), overrides), "")
+
+
+def run_demo(overrides: list[str]) -> int:
+    from perft_jax import load_model
+    from perft_jax.data.tokenize import load_tokenizer
+    from perft_jax.eval.runner import evaluate
+    from perft_jax.perft.adapter_files import load_adapters
+    from perft_jax.train.loop import build_model, run_training
+
+    root = DEMO_DIR
+    for item in overrides:  # the demo's own files follow the run directory when it is overridden
+        if item.startswith("train.output_dir="):
+            root = pathlib.Path(item.split("=", 1)[1]).parent
+    paths = prepare_assets(root)
+    cfg = demo_config(root, paths, overrides)
+    tokenizer = load_tokenizer(cfg.model.checkpoint)
+    run_dir = pathlib.Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def accuracy(model, name: str) -> float:
+        result = evaluate(model, tokenizer, list(cfg.eval.benchmarks), cfg.eval.data_dir,
+                          run_dir / f"eval_{name}.json", cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+        return result["average"]
+
+    before = accuracy(build_model(cfg), "before")
+    summary = run_training(cfg)
+    if summary.get("stopped"):
+        return 0
+    tuned = load_model(cfg.model.checkpoint, moe_backend=cfg.model.moe_backend)
+    load_adapters(tuned, summary["adapters"])
+    after = accuracy(tuned, "after")
+    print(f"\nPERFT-R ({cfg.perft.num_adapters} adapters, top-{cfg.perft.top_k}, D_B={cfg.perft.bottleneck}) "
+          f"on {TASK} ({cfg.eval.data_dir}):")
+    print(f"  {'':<28}{'accuracy':>10}")
+    print(f"  {'before fine-tuning':<28}{100 * before:>9.1f}%")
+    print(f"  {'after fine-tuning':<28}{100 * after:>9.1f}%")
+    print(f"adapters: {summary['adapters']}; metrics: {run_dir / 'metrics.jsonl'}")
+    return 0

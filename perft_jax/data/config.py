@@ -58,7 +58,7 @@ class DataConfig:
     skip_malformed: bool = False
     drop_last: bool = True
 
-    def validate(self, prefix: str = "data") -> DataConfig:
+    def validate_config(self, prefix: str = "data") -> DataConfig:
         """Checks types and ranges once, at load time; returns self so calls can chain.
 
         Raises:

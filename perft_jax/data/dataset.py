@@ -241,7 +241,7 @@ def build_training_data(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: str | 
     Raises:
         UserError: a bad config value, file or row (named with its file and 0-based row index).
     """
-    cfg.validate()
+    cfg.validate_config()
     source = load_records(cfg, cache_dir=cache_dir)
     tokenized, skipped = tokenize_records(source, tokenizer, cfg)
     train, val = split_validation(tokenized, cfg)

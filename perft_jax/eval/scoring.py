@@ -61,11 +61,13 @@ _REGISTRY = (
     Benchmark("mawps", MATH, NUMBER_RULE),
     Benchmark("AQuA", MATH, LETTER_RULE, ("A", "B", "C", "D", "E")),
 )
-BENCHMARKS: Mapping[str, Benchmark] = {b.name: b for b in _REGISTRY}
+# Not a published benchmark: the task perft_jax.demo generates ("Is 47 greater than 12?"), boolq's labels.
+DEMO_BENCHMARKS = (Benchmark("synthetic_compare", COMMONSENSE, LABEL_RULE, ("true", "false")),)
+BENCHMARKS: Mapping[str, Benchmark] = {b.name: b for b in _REGISTRY + DEMO_BENCHMARKS}
 COMMONSENSE_BENCHMARKS = tuple(b.name for b in _REGISTRY if b.family == COMMONSENSE)
 MATH_BENCHMARKS = tuple(b.name for b in _REGISTRY if b.family == MATH)
 # Upstream alternation r'true|false' etc.: leftmost match wins, case-sensitive, no word boundaries.
-_TOKEN_RES = {b.name: re.compile("|".join(map(re.escape, b.labels))) for b in _REGISTRY if b.labels}
+_TOKEN_RES = {name: re.compile("|".join(map(re.escape, b.labels))) for name, b in BENCHMARKS.items() if b.labels}
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -46,7 +46,23 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
             attn.v_lora = LoRA(d, mcfg.num_kv_heads * mcfg.head_dim, cfg, rngs, ("embed", "kv_heads"),
                                param_dtype, dtype)
     model.perft_config = cfg  # what save_adapters records (loss coefficients and init included)
+    place_like_base(model, nnx.state(model, AdapterParam))
     return model
+
+
+def place_like_base(model: MoeForCausalLM, state) -> None:
+    """Put `state` where the base lives — replicated over the base's mesh if it has one — and commit it.
+
+    Freshly created arrays are uncommitted while restored ones are committed; a jitted step sees the two
+    as different inputs and would compile twice (once more when the first update commits them).
+    """
+    base = model.embed.embedding[...]
+    if isinstance(base, jax.core.Tracer):  # under eval_shape / jit: placement is the caller's business
+        return
+    sharding = base.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    nnx.update(model, jax.device_put(state, sharding))
 
 
 def has_adapters(model: MoeForCausalLM) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import optax
 from flax import nnx
 
@@ -79,4 +80,8 @@ def make_transform(cfg: OptimConfig) -> optax.GradientTransformation:
 
 def make_optimizer(model: nnx.Module, cfg: OptimConfig) -> nnx.Optimizer:
     """AdamW state for `AdapterParam` leaves only; the base model has neither state nor updates."""
-    return nnx.Optimizer(model, make_transform(cfg), wrt=AdapterParam)
+    optimizer = nnx.Optimizer(model, make_transform(cfg), wrt=AdapterParam)
+    adapters = jax.tree.leaves(nnx.state(model, AdapterParam))
+    if adapters:  # committed beside the adapters, so the first update does not change the step's inputs
+        nnx.update(optimizer, jax.device_put(nnx.state(optimizer), adapters[0].sharding))
+    return optimizer

@@ -38,7 +38,7 @@ def unpad(batch, b):
 
 
 def cfg_for(**overrides):
-    return DataConfig(**{"batch_size": 8, "cutoff_len": 64, **overrides}).validate()
+    return DataConfig(**{"batch_size": 8, "cutoff_len": 64, **overrides}).validate_config()
 
 
 def batches_equal(a, b):

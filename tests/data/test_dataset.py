@@ -208,7 +208,7 @@ def test_invalid_json_is_a_user_error(tmp_path):
 
 
 def test_config_defaults_are_the_published_setup():
-    cfg = DataConfig().validate()
+    cfg = DataConfig().validate_config()
     assert (cfg.cutoff_len, cfg.train_on_inputs, cfg.add_eos, cfg.val_set_size, cfg.val_seed) == (256, True, True,
                                                                                                   120, 42)
     assert (cfg.batch_size, cfg.pad_to_multiple_of, cfg.pad_id, cfg.length_buckets) == (16, 8, 0, ())
@@ -227,5 +227,5 @@ def test_config_defaults_are_the_published_setup():
 ])
 def test_config_validation_names_key_expectation_and_value(overrides, message):
     with pytest.raises(UserError) as err:
-        DataConfig(**overrides).validate()
+        DataConfig(**overrides).validate_config()
     assert str(err.value).startswith(message)

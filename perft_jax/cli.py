@@ -1,0 +1,48 @@
+"""Entry point of `train.py`: parse `--config FILE key=value ...`, dispatch to training or evaluation.
+
+Bad input (a config key, a file, a data row) ends with one line `error: ...` and exit code 2; a diverged
+run (NaN / inf loss) with exit code 1 and the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from perft_jax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="PERFT fine-tuning and evaluation of MoE LLMs")
+    p.add_argument("--config", help="YAML config (default: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. perft.top_k=2 mode=eval")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from perft_jax.train.loop import TrainingDiverged
+
+    try:
+        if args.config is None:
+            from perft_jax import demo
+
+            return demo.run_demo(args.overrides)
+        from perft_jax.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        print(cfg.to_json())
+        if cfg.mode == "eval":
+            from perft_jax.eval.pipeline import run_evaluation
+
+            run_evaluation(cfg)
+        else:
+            from perft_jax.train.loop import run_training
+
+            run_training(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

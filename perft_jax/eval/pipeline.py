@@ -1,0 +1,34 @@
+"""`train.py mode=eval`: a base model (+ adapters) on LLM-Adapters benchmarks, accuracies printed and saved."""
+from __future__ import annotations
+
+import pathlib
+
+from perft_jax.config import Config
+from perft_jax.data.tokenize import load_tokenizer
+from perft_jax.errors import UserError
+
+
+def run_evaluation(cfg: Config) -> dict:
+    from perft_jax.eval.runner import evaluate
+    from perft_jax.perft.adapter_files import load_adapters
+    from perft_jax.train.loop import build_base_model
+
+    if not cfg.eval.benchmarks:
+        raise UserError("eval.benchmarks: name at least one benchmark, e.g. eval.benchmarks=[boolq,piqa]")
+    model = build_base_model(cfg)
+    if cfg.eval.adapters:
+        load_adapters(model, cfg.eval.adapters)
+    tokenizer_path = cfg.model.tokenizer or cfg.model.checkpoint
+    if not tokenizer_path:
+        raise UserError("model.tokenizer: needed when the base comes from model.hf_config")
+    out_dir = pathlib.Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate(model, load_tokenizer(tokenizer_path), list(cfg.eval.benchmarks), cfg.eval.data_dir,
+                      out_dir / "eval.json", cfg.eval.batch_size,
+                      max_examples=cfg.eval.max_examples or None, num_beams=cfg.eval.num_beams,
+                      max_new_tokens=cfg.eval.max_new_tokens or None)
+    width = max(len(name) for name in cfg.eval.benchmarks)
+    for name in cfg.eval.benchmarks:
+        print(f"{name:<{width}}  {100 * result['benchmarks'][name]['accuracy']:6.2f} %")
+    print(f"{'average':<{width}}  {100 * result['average']:6.2f} %   ({out_dir / 'eval.json'})")
+    return result

@@ -1,0 +1,173 @@
+"""The training run: base + adapters, data, AdamW over adapters, validation, checkpoints, metrics.
+
+`run_training(cfg)` resumes from the newest run checkpoint in `train.output_dir` when there is one, so
+re-running the same command after a preemption (SIGTERM / SIGINT save and exit 0; `kill -9` loses at
+most the steps since the last checkpoint) continues the run exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from perft_jax.api import init_model, load_model
+from perft_jax.checkpoint.run import RunCheckpointer, preemption_guard
+from perft_jax.config import Config, model_config
+from perft_jax.data.batching import BatchIterator, RaggedRows, eval_batches
+from perft_jax.data.dataset import build_training_data
+from perft_jax.data.tokenize import load_tokenizer
+from perft_jax.errors import UserError
+from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.perft.adapter_files import save_adapters
+from perft_jax.perft.attach import attach_perft
+from perft_jax.perft.efficiency import efficiency_report, format_report
+from perft_jax.train.metrics import MetricsWriter, draw_router_heatmaps
+from perft_jax.train.optim import learning_rate_schedule, make_optimizer
+from perft_jax.train.router_stats import RouterStatsAccumulator, router_stats_scalars
+from perft_jax.train.step import eval_step, train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is left as it was."""
+
+
+def build_base_model(cfg: Config) -> MoeForCausalLM:
+    """The frozen base of `cfg.model`: restored from a converted checkpoint, or randomly initialised."""
+    section = cfg.model
+    if section.checkpoint:
+        return load_model(section.checkpoint, dtype=section.dtype, moe_backend=section.moe_backend,
+                          capacity_factor=section.capacity_factor)
+    return init_model(model_config(section), seed=section.init_seed)
+
+
+def build_model(cfg: Config) -> MoeForCausalLM:
+    model = build_base_model(cfg)
+    attach_perft(model, cfg.perft, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.adapter_dtype))
+    return model
+
+
+def _validation_loss(model, rows: RaggedRows | None, cfg: Config, pad_id: int) -> float | None:
+    if rows is None or len(rows) == 0:
+        return None
+    total, tokens = 0.0, 0
+    for batch in eval_batches(rows, cfg.data, pad_id):
+        losses = eval_step(model, {k: jnp.asarray(v) for k, v in batch.items()}, model.config, cfg.perft)
+        count = int(losses["num_tokens"])
+        total += float(losses["lm"]) * count
+        tokens += count
+    return total / max(tokens, 1)
+
+
+def _next_batch(iterator: BatchIterator, accum: int) -> dict[str, jax.Array]:
+    if accum == 1:
+        return {k: jnp.asarray(v) for k, v in next(iterator).items()}
+    micro = [next(iterator) for _ in range(accum)]
+    length = max(b["input_ids"].shape[1] for b in micro)  # micro-batches of one step share a length
+    if any(b["input_ids"].shape[1] != length for b in micro):
+        micro = [_left_pad(b, length, iterator.pad_id) for b in micro]
+    return {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}
+
+
+def _left_pad(batch: dict, length: int, pad_id: int) -> dict:
+    extra = length - batch["input_ids"].shape[1]
+    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0}
+    return {k: np.pad(v, ((0, 0), (extra, 0)), constant_values=fill[k]) for k, v in batch.items()}
+
+
+def run_training(cfg: Config) -> dict:
+    """Train the adapters of `cfg`; returns a summary (steps, losses, where adapters were written)."""
+    run_dir = pathlib.Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    model = build_model(cfg)
+    print(format_report(efficiency_report(model.config, cfg.perft)))
+
+    tokenizer_path = cfg.model.tokenizer or cfg.model.checkpoint
+    if not tokenizer_path:
+        raise UserError("model.tokenizer: needed when the base comes from model.hf_config")
+    tokenizer = load_tokenizer(tokenizer_path)
+    data = build_training_data(cfg.data, tokenizer, cache_dir=str(run_dir / "cache"))
+    pad_id = cfg.data.pad_id
+    train_rows = RaggedRows.from_dataset(data.train)
+    val_rows = RaggedRows.from_dataset(data.val) if data.val is not None and len(data.val) else None
+    iterator = BatchIterator(train_rows, cfg.data, pad_id)
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = max(iterator.steps_per_epoch // accum, 1)
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    optim_cfg = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=total_steps)
+    optimizer = make_optimizer(model, optim_cfg)
+    schedule = learning_rate_schedule(optim_cfg)
+
+    checkpointer = RunCheckpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"), cfg.checkpoint)
+    step, best = 0, {"val_loss": None, "step": None}
+    if checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(model, optimizer)
+        step = restored.step
+        iterator.restore(restored.data_state)
+        best = restored.metadata.get("best", best)
+        print(f"resumed from step {step} ({checkpointer.directory})")
+
+    is_writer = jax.process_index() == 0
+    writer = MetricsWriter(run_dir, is_writer=is_writer, tensorboard=cfg.train.tensorboard)
+    router_stats = RouterStatsAccumulator()
+    metadata = lambda: {"config": json.loads(cfg.to_json()), "best": best}  # noqa: E731
+    summary = {"total_steps": total_steps, "start_step": step}
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+               disable=not (cfg.train.progress_bar and is_writer))
+    window_tokens, window_start = 0, time.perf_counter()
+    with preemption_guard() as guard:
+        while step < total_steps:
+            batch = _next_batch(iterator, accum)
+            metrics = train_step(model, optimizer, batch, model.config, cfg.perft)
+            router_stats.update(jax.device_get(metrics.pop("router")))
+            loss = float(metrics["total"])
+            if not math.isfinite(loss):
+                checkpointer.wait_until_finished()
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; stopped without saving. The last good checkpoint "
+                    f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact: lower "
+                    "optim.learning_rate or check the data, then rerun the same command to resume")
+            step += 1
+            window_tokens += int(metrics["num_tokens"])
+            if step % cfg.train.log_every_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                scalars = {k: float(v) for k, v in metrics.items()}
+                scalars.update(router_stats_scalars(router_stats.mean()))
+                scalars["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                scalars["learning_rate"] = float(schedule(step))
+                writer.write(step, scalars, split="train")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            if cfg.train.eval_every_steps and (step % cfg.train.eval_every_steps == 0 or step == total_steps):
+                val_loss = _validation_loss(model, val_rows, cfg, pad_id)
+                if val_loss is not None:
+                    writer.write(step, {"lm": val_loss}, split="val")
+                    if cfg.train.keep_best and (best["val_loss"] is None or val_loss < best["val_loss"]):
+                        best = {"val_loss": val_loss, "step": step}
+                        save_adapters(model, run_dir / "best_adapters", overwrite=True)
+            bar.update(1)
+            checkpointer.save(step, model, optimizer, iterator.state(), metadata(),
+                              force=step == total_steps or guard.should_stop())
+            if guard.should_stop():
+                checkpointer.wait_until_finished()
+                print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+                summary.update(stopped=True, step=step)
+                bar.close()
+                writer.close()
+                return summary
+    bar.close()
+    checkpointer.wait_until_finished()
+    save_adapters(model, run_dir / "adapters", overwrite=True)
+    if is_writer and router_stats.count:
+        draw_router_heatmaps(router_stats.mean(), run_dir / "router_stats.png")
+    writer.close()
+    summary.update(step=step, final_loss=loss if step > summary["start_step"] else None, best=best,
+                   adapters=str(run_dir / ("best_adapters" if best["step"] else "adapters")))
+    return summary

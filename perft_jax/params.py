@@ -1,15 +1,14 @@
 """Print the parameter budget of a PERFT config: `python -m perft_jax.params --config FILE [key=value ...]`.
 
-The config is YAML with a `model:` section naming the base model's architecture, either
+The config is a run config (perft_jax/config.py): its `model:` section names the base's architecture,
 
     model:
       hf_config: ../hf/olmoe-1b-7b.json     # an HF config.json (relative: to the YAML's folder, then cwd)
     # or
       checkpoint: ckpts/olmoe               # a converted base checkpoint (reads its perft_model.json)
 
-and a `perft:` section (perft_jax.perft.config.PerftConfig). The sections a training config adds (`data`,
-`optim`, `train`, `checkpoint`, `mesh`, `eval`, `run`) are ignored here; any other top-level key is an
-error. `key=value` overrides use dotted paths (`perft.bottleneck=16`). `--all-variants` compares S, D, R, E
+and its `perft:` section the adapters; the other sections are validated and otherwise unused here.
+`key=value` overrides use dotted paths (`perft.bottleneck=16`). `--all-variants` compares S, D, R, E
 and qv_lora at the config's bottleneck / M / K. Counts follow spec/PERFT.md §5 (perft/efficiency.py).
 
 Bad input ends with a one-line `error: ...` naming the key or file, and exit code 2.
@@ -18,70 +17,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import pathlib
 import sys
 from typing import Any
 
-from perft_jax.config_parsing import apply_overrides, from_dict, load_yaml
+from perft_jax import config
 from perft_jax.errors import UserError
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
 
-SECTIONS = ("model", "perft")
-LATER_SECTIONS = ("data", "optim", "train", "checkpoint", "mesh", "eval", "run")  # the training config's
-MODEL_KEYS = ("hf_config", "checkpoint")
 VARIANTS = ("perft_s", "perft_d", "perft_r", "perft_e", "qv_lora")
 
 
-def _resolve(value: Any, key: str, base_dir: pathlib.Path, want_dir: bool) -> pathlib.Path:
-    """A path from the config: absolute, else relative to the YAML's folder, then to the current dir."""
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{key}: expected a path, got {value!r}")
-    path = pathlib.Path(value).expanduser()
-    candidates = [path] if path.is_absolute() else [base_dir / path, pathlib.Path.cwd() / path]
-    for candidate in candidates:
-        if candidate.is_dir() if want_dir else candidate.is_file():
-            return pathlib.Path(os.path.normpath(candidate))
-    kind = "directory" if want_dir else "file"
-    raise UserError(f"{key}: no such {kind} {value!r} (looked in {', '.join(str(c) for c in candidates)})")
-
-
-def load_model_config(section: Any, base_dir: pathlib.Path) -> tuple[ModelConfig, str]:
-    """The `model:` section -> (ModelConfig, the source path for the table title)."""
-    if not isinstance(section, dict):
-        raise UserError(f"model: expected a mapping with one of {', '.join(MODEL_KEYS)}, got {section!r}")
-    for key in section:
-        if key not in MODEL_KEYS:
-            raise UserError(f"model.{key}: unknown key (known: {', '.join(MODEL_KEYS)})")
-    if len(section) != 1:
-        raise UserError(f"model: expected exactly one of {', '.join(MODEL_KEYS)}, got {sorted(section) or 'none'}")
-    if "hf_config" in section:
-        from perft_jax.models.hf_config import read_hf_config_file
-
-        path = _resolve(section["hf_config"], "model.hf_config", base_dir, want_dir=False)
-        cfg, _arch, _raw = read_hf_config_file(path)
-        return cfg, str(path)
-    from perft_jax.checkpoint.base import read_manifest
-
-    path = _resolve(section["checkpoint"], "model.checkpoint", base_dir, want_dir=True)
-    cfg, _manifest = read_manifest(path)
-    return cfg, str(path)
-
-
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> tuple[ModelConfig, PerftConfig, str]:
-    """Read the YAML, apply overrides, check the sections; returns (model config, PERFT config, model source)."""
-    path = pathlib.Path(path)
-    data = apply_overrides(load_yaml(path), list(overrides))
-    for key in data:
-        if key not in SECTIONS + LATER_SECTIONS:
-            raise UserError(f"{key}: unknown top-level section (known: {', '.join(SECTIONS + LATER_SECTIONS)})")
-    if "model" not in data:
-        raise UserError(f"model: missing section (give model.hf_config or model.checkpoint) in {path}")
-    model_cfg, source = load_model_config(data["model"], path.parent)
-    perft_cfg = from_dict(PerftConfig, data.get("perft"), "perft")
-    perft_cfg.check_model(model_cfg.num_experts, model_cfg.num_experts_per_tok)
-    return model_cfg, perft_cfg, source
+    """Read a run config (perft_jax/config.py; training configs work as they are) with its overrides;
+    returns (model config, PERFT config, where the model config came from)."""
+    cfg = config.load_config(path, overrides)
+    return config.model_config(cfg.model), cfg.perft, cfg.model.checkpoint or cfg.model.hf_config
 
 
 def variant_configs(cfg: PerftConfig) -> list[PerftConfig]:

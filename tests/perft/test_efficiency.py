@@ -184,7 +184,7 @@ R_CFG = {"variant": "perft_r", "bottleneck": 4, "num_adapters": 4, "top_k": 2}
 
 def test_cli_tiny_counts_and_overrides(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the hf_config path resolves against the YAML's folder, not the cwd
-    path = write_config(tmp_path, R_CFG, data={"anything": 1}, train={"steps": 3})  # later sections ignored
+    path = write_config(tmp_path, R_CFG, data={"cutoff_len": 64}, train={"max_steps": 3})  # other sections: fine
     rc, out, err = run_cli(capsys, "--config", path, "perft.top_k=1")
     assert rc == 0, err
     trainable, act = adapter_counts(TINY, PerftConfig(**{**R_CFG, "top_k": 1}))
@@ -234,7 +234,7 @@ BAD = [
     ({"perft": {**R_CFG, "top_k": 3, "adapter_gate_weights": "base_router_rank"}}, [], "perft.top_k"),
     ({"perft": R_CFG, "model": {"hf_config": "missing.json"}}, [], "missing.json"),
     ({"perft": R_CFG, "model": {"checkpoint": "no_ckpt"}}, [], "no_ckpt"),
-    ({"perft": R_CFG, "model": {"hf_config": "tiny.json", "dtype": "bfloat16"}}, [], "model.dtype"),
+    ({"perft": R_CFG, "model": {"hf_config": "tiny.json", "dtyp": "bfloat16"}}, [], "model.dtyp: unknown key"),
     ({"perft": R_CFG, "model": {}}, [], "model"),
     ({"perft": R_CFG}, ["perft.top_k"], "perft.top_k"),
 ]

@@ -2,5 +2,8 @@
 from perft_jax.api import abstract_model, export_hf, init_model, load_model
 from perft_jax.errors import UserError
 from perft_jax.models import ModelConfig
+from perft_jax.perft.adapter_files import load_adapters, save_adapters
+from perft_jax.perft.config import PerftConfig
 
-__all__ = ["ModelConfig", "UserError", "abstract_model", "export_hf", "init_model", "load_model"]
+__all__ = ["ModelConfig", "PerftConfig", "UserError", "abstract_model", "export_hf", "init_model", "load_adapters",
+           "load_model", "save_adapters"]

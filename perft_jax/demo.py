@@ -94,7 +94,7 @@ def prepare_assets(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]
 
 def demo_config(root: pathlib.Path, paths: dict, overrides: list[str]) -> Config:
     cfg = Config(
-        model=ModelSection(checkpoint=str(paths["base"]), moe_backend="capacity"),
+        model=ModelSection(checkpoint=str(paths["base"]), moe_backend="dense"),  # dropless: eval is batch-independent
         perft=PerftConfig(variant="perft_r", adapter="parallel_adapter", bottleneck=32, num_adapters=4, top_k=2),
         data=DataConfig(train_files=(str(paths["train"]),), cutoff_len=128, val_set_size=64, batch_size=32,
                         pad_id=1),

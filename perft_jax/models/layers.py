@@ -3,6 +3,7 @@
 Numerics follow Hugging Face's PyTorch implementations (modeling_olmoe.py / modeling_mixtral.py):
 RMSNorm statistics in float32, softmax in float32, RoPE tables in float32 cast to the compute dtype.
 Every parameter carries logical axis names (`axes` metadata) that the sharding rules map to mesh axes.
+`Attention` optionally reads and writes a per-layer KV cache (decoding; see decoder.KVCache).
 """
 from __future__ import annotations
 
@@ -92,6 +93,28 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, length: int,
     return allowed
 
 
+def cached_causal_mask(key_mask: jax.Array, start: jax.Array, length: int,
+                       sliding_window: int | None) -> jax.Array:
+    """Boolean mask [B, 1, T, S] of T new queries at cache slots [start, start + T) over all S cache slots.
+
+    The slot arithmetic is `causal_mask`'s, shifted by `start` (a traced scalar, so one compilation serves
+    every decode step): key slot s is visible from query slot q iff s <= q, s > q - window (sliding window,
+    counted in slots as transformers does, padding included), and `key_mask[b, s]` (a written, non-padding
+    slot).
+
+    Args:
+        key_mask: [B, S] bool, the cache's valid slots after this step's keys were written.
+        start: int32 scalar, the slot of the first new query.
+        length: T, the number of new queries (static).
+    """
+    q = start + jnp.arange(length)[:, None]
+    k = jnp.arange(key_mask.shape[1])[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    return allowed[None, None] & key_mask.astype(bool)[:, None, None, :]
+
+
 class Attention(nnx.Module):
     """Causal self-attention with GQA, optional full-width q/k RMSNorm (OLMoE) and `clip_qkv`."""
 
@@ -111,7 +134,27 @@ class Attention(nnx.Module):
         self.q_lora, self.v_lora = nnx.data(None), nnx.data(None)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+        """Self-attention of x [B, T, D] -> [B, T, D].
+
+        Without `kv_cache`, keys are the T tokens themselves and `mask` is [B, 1, T, T] (`causal_mask`).
+        With `kv_cache` = (k, v), each [B, S, kv_heads, head_dim], this step's keys and values are written at
+        slots [cache_index, cache_index + T) with `dynamic_update_slice` (shape-stable: a decode step compiles
+        once), the queries attend over all S slots under `mask` [B, 1, T, S] (`cached_causal_mask`), and the
+        call returns (out, (k, v)) with the updated cache.
+        """
+        q, k, v = self._project(x, cos, sin)
+        if kv_cache is None:
+            return self._attend(q, k, v, mask)
+        cache_k, cache_v = kv_cache
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+        out = self._attend(q, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask)
+        return out, (cache_k, cache_v)
+
+    def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q [B, T, heads, hd] and rotated k, v [B, T, kv_heads, hd]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -123,10 +166,15 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:  # after the norm, as in HF OlmoeAttention
             q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
-        groups = cfg.num_heads // cfg.num_kv_heads
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        return q, k, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """q [B, T, heads, hd], k/v [B, S, kv_heads, hd], mask [B, 1, T, S] bool -> [B, T, D]."""
+        cfg = self.cfg
+        b, t = q.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)  # query head h = kv * groups + g
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
         # A finite fill keeps fully masked (padding) query rows finite instead of NaN.

@@ -125,7 +125,7 @@ def run_demo(overrides: list[str]) -> int:
     def accuracy(model, name: str) -> float:
         result = evaluate(model, tokenizer, list(cfg.eval.benchmarks), cfg.eval.data_dir,
                           run_dir / f"eval_{name}.json", cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
-        return result["average"]
+        return result["macro_average"]
 
     before = accuracy(build_model(cfg), "before")
     summary = run_training(cfg)

@@ -29,6 +29,6 @@ def run_evaluation(cfg: Config) -> dict:
                       max_new_tokens=cfg.eval.max_new_tokens or None)
     width = max(len(name) for name in cfg.eval.benchmarks)
     for name in cfg.eval.benchmarks:
-        print(f"{name:<{width}}  {100 * result['benchmarks'][name]['accuracy']:6.2f} %")
-    print(f"{'average':<{width}}  {100 * result['average']:6.2f} %   ({out_dir / 'eval.json'})")
+        print(f"{name:<{width}}  {100 * result['accuracy'][name]:6.2f} %")
+    print(f"{'average':<{width}}  {100 * result['macro_average']:6.2f} %   ({out_dir / 'eval.json'})")
     return result

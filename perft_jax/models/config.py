@@ -57,6 +57,8 @@ class ModelConfig:
     # (einsum dispatch into per-expert buffers; may drop tokens), "ragged" (sort + lax.ragged_dot).
     moe_backend: str = "dense"
     capacity_factor: float = 2.0
+    # Recompute each decoder layer's activations in the backward pass (memory for compute).
+    remat: bool = False
 
     def __post_init__(self):
         self.validate()

@@ -83,6 +83,10 @@ class DecoderLayer(nnx.Module):
         return (x + moe_out, aux) if kv_cache is None else (x + moe_out, aux, kv_cache)
 
 
+# Activations inside a layer are recomputed in the backward pass; only layer inputs are kept.
+_remat_layer = nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mask))
+
+
 class MoeForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.config = cfg
@@ -124,7 +128,9 @@ class MoeForCausalLM(nnx.Module):
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         auxes = []
         for i, layer in enumerate(self.layers):
-            if cache is None:
+            if cache is None and cfg.remat:
+                x, aux = _remat_layer(layer, x, cos, sin, mask)
+            elif cache is None:
                 x, aux = layer(x, cos, sin, mask)
             else:
                 x, aux, kv[i] = layer(x, cos, sin, mask, kv[i], index)

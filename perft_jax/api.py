@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from flax import nnx
@@ -16,8 +18,10 @@ from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.convert.jax_to_hf import export_hf
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.moe.ep import configure_expert_dispatch
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
+from perft_jax.sharding import LogicalSharding, shard_model
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
@@ -32,8 +36,9 @@ def abstract_model(cfg: ModelConfig) -> MoeForCausalLM:
 
 def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_dtype: str | None = None,
                moe_backend: str | None = None, capacity_factor: float | None = None,
-               sharding: jax.sharding.Sharding | None = None, perft: PerftConfig | None = None,
-               seed: int = 0) -> MoeForCausalLM:
+               sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None,
+               rules: Mapping[str, Any] | None = None, expert_dispatch: str = "ring",
+               perft: PerftConfig | None = None, seed: int = 0) -> MoeForCausalLM:
     """Restore a converted base checkpoint as an NNX model.
 
     Args:
@@ -42,7 +47,12 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
         is given. Default: as stored.
       param_dtype: parameter storage dtype, when it should differ from `dtype`.
       moe_backend / capacity_factor: override the MoE dispatch backend of the stored config.
-      sharding: where parameters land; default: the first local device.
+      sharding: where parameters land; default: the first local device. Ignored when `mesh` is given.
+      mesh: a device mesh (perft_jax.sharding.build_mesh): every parameter is restored straight onto its own
+        `NamedSharding` given by `rules` (each process reads only the shards its devices hold).
+      rules: logical axis rules (default: perft_jax.sharding.DEFAULT_RULES).
+      expert_dispatch: with `mesh`: "ring" runs the experts under shard_map (perft_jax/moe/ep.py),
+        "gspmd" leaves the configured backend to XLA's partitioner.
       perft: attach freshly initialised PERFT adapters described by this config (seeded by `seed`).
     """
     cfg, _ = base_ckpt.read_manifest(pathlib.Path(ckpt_dir))
@@ -50,14 +60,24 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
                "capacity_factor": capacity_factor}
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          nnx.to_pure_dict(abstract_state))
+    if mesh is not None:
+        logical = LogicalSharding.create(mesh, rules)
+        shardings = nnx.to_pure_dict(logical.state_shardings(abstract_state))
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              nnx.to_pure_dict(abstract_state), shardings)
+    else:
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                              nnx.to_pure_dict(abstract_state))
     restored = base_ckpt.restore_groups(pathlib.Path(ckpt_dir), base_ckpt.group_names(cfg), target)
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)
+    if mesh is not None:
+        configure_expert_dispatch(model, logical, expert_dispatch)
     if perft is not None and perft.variant != "none":
         attach_perft(model, perft, seed=seed)
+        if mesh is not None:  # the adapters' dropout RNG state too, so the train step compiles once
+            shard_model(model, logical)
     return model
 
 

@@ -7,6 +7,7 @@
     train:      TrainConfig — steps, accumulation, validation, logging  (below)
     checkpoint: CheckpointConfig — run checkpoints                      (perft_jax/checkpoint/run.py)
     eval:       EvalConfig — benchmarks, generation                     (below)
+    mesh:       MeshConfig — device mesh, logical axis rules, multi-host (perft_jax/sharding.py)
 
 Every section is a frozen dataclass; unknown keys and bad values are one-line errors naming the dotted
 key (perft_jax/config_parsing.py). The resolved tree is saved as JSON with every run.
@@ -26,6 +27,7 @@ from perft_jax.errors import UserError
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.hf_config import read_hf_config_file
 from perft_jax.perft.config import PerftConfig
+from perft_jax.sharding import MeshConfig
 from perft_jax.train.optim import OptimConfig
 
 
@@ -113,6 +115,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2, sort_keys=True)

@@ -30,9 +30,15 @@ def _swiglu(h: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def dense_dispatch(x, weights, indices, gate_up, down):
-    """x [T, D], weights/indices [T, K] -> (y [T, D], dropped int32 scalar)."""
+def dense_dispatch(x, weights, indices, gate_up, down, valid=None):
+    """x [T, D], weights/indices [T, K] -> (y [T, D], dropped int32 scalar).
+
+    `valid` [T, K] bool (all backends): only these pairs are computed; expert parallelism (moe/ep.py)
+    passes the pairs whose expert this device holds, with the others' indices clipped into range.
+    """
     num_experts = gate_up.shape[0]
+    if valid is not None:
+        weights = jnp.where(valid, weights, 0)
     h = _swiglu(jnp.einsum("td,edf->etf", x, gate_up))  # [E, T, I]
     y_all = jnp.einsum("eti,eid->etd", h, down)  # [E, T, D]
     combine = jnp.zeros((x.shape[0], num_experts), weights.dtype)
@@ -44,17 +50,23 @@ def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) 
     return max(1, math.ceil(num_tokens * k / num_experts * capacity_factor))
 
 
-def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float):
-    """Capacity-buffer dispatch; see module docstring. Returns (y [T, D], dropped pairs)."""
+def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float, valid=None,
+                      cap: int | None = None):
+    """Capacity-buffer dispatch; see module docstring. Returns (y [T, D], dropped pairs).
+
+    `cap` overrides the per-expert capacity (expert parallelism sizes it for all experts, not the local ones).
+    """
     t, k = indices.shape
     num_experts = gate_up.shape[0]
-    cap = capacity(t, k, num_experts, capacity_factor)
+    cap = capacity(t, k, num_experts, capacity_factor) if cap is None else cap
+    valid = jnp.ones((t, k), bool) if valid is None else valid
     # Slot order is choice-major (all first choices, then all second ones ...), so that when an expert
     # overflows it is the tokens' lower-ranked choices that are dropped first (GShard).
     flat_expert = indices.T.reshape(-1)  # [K*T]
-    onehot = jax.nn.one_hot(flat_expert, num_experts, dtype=jnp.int32)  # [K*T, E]
+    flat_valid = valid.T.reshape(-1)
+    onehot = jax.nn.one_hot(flat_expert, num_experts, dtype=jnp.int32) * flat_valid[:, None]  # [K*T, E]
     position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # slot within its expert
-    keep = position < cap
+    keep = flat_valid & (position < cap)
     slot = jnp.where(keep, flat_expert * cap + position, num_experts * cap)  # overflow -> sentinel slot
     token = jnp.tile(jnp.arange(t), k)  # [K*T]
     buffer = jnp.zeros((num_experts * cap + 1, x.shape[-1]), x.dtype).at[slot].set(x[token])
@@ -64,19 +76,24 @@ def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float
     out = jnp.concatenate([out, jnp.zeros((1, out.shape[-1]), out.dtype)])  # sentinel row reads zeros
     per_pair = out[slot].reshape(k, t, -1)  # [K, T, D]
     y = jnp.einsum("ktd,tk->td", per_pair, weights)
-    return y, jnp.sum(~keep).astype(jnp.int32)
+    return y, jnp.sum(flat_valid & ~keep).astype(jnp.int32)
 
 
-def ragged_dispatch(x, weights, indices, gate_up, down):
+def ragged_dispatch(x, weights, indices, gate_up, down, valid=None):
     """Sort pairs by expert, grouped matmul with `lax.ragged_dot`, unsort. Dropless."""
     t, k = indices.shape
     num_experts = gate_up.shape[0]
     flat_expert = indices.reshape(-1)  # [T*K], token-major
+    if valid is not None:  # invalid pairs sort last, past every group, and their rows are zeroed below
+        flat_expert = jnp.where(valid.reshape(-1), flat_expert, num_experts)
+        weights = jnp.where(valid, weights, 0)
     order = jnp.argsort(flat_expert, stable=True)
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # drops id E
     xs = x[order // k]  # [T*K, D] grouped by expert
     h = _swiglu(jax.lax.ragged_dot(xs, gate_up, group_sizes))
     out_sorted = jax.lax.ragged_dot(h, down, group_sizes)  # [T*K, D]
+    if valid is not None:  # ragged_dot leaves rows past the last group unspecified on some platforms
+        out_sorted = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], out_sorted, 0)
     per_pair = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", per_pair, weights), jnp.zeros((), jnp.int32)
 
@@ -93,12 +110,16 @@ class Experts(nnx.Module):
         self.backend = cfg.moe_backend
         self.capacity_factor = cfg.capacity_factor
         self.dtype = cfg.jnp_dtype
+        # Expert parallelism over a mesh (moe/ep.py `enable_expert_parallelism`); None: single program.
+        self.parallel = None
 
     def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [T, D], weights [T, K], indices [T, K] -> (y [T, D], number of dropped (token, expert) pairs)."""
         x = x.astype(self.dtype)
         gate_up, down = self.gate_up[...].astype(self.dtype), self.down[...].astype(self.dtype)
         weights = weights.astype(self.dtype)
+        if self.parallel is not None:
+            return self.parallel(x, weights, indices, gate_up, down, self.backend, self.capacity_factor)
         if self.backend == "dense":
             return dense_dispatch(x, weights, indices, gate_up, down)
         if self.backend == "capacity":

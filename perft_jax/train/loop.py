@@ -23,11 +23,14 @@ from perft_jax.config import Config, model_config
 from perft_jax.data.batching import BatchIterator, RaggedRows, eval_batches
 from perft_jax.data.dataset import build_training_data
 from perft_jax.data.tokenize import load_tokenizer
+from perft_jax.distributed import global_batch, initialize
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.moe.ep import configure_expert_dispatch
 from perft_jax.perft.adapter_files import save_adapters
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.efficiency import efficiency_report, format_report
+from perft_jax.sharding import LogicalSharding, run_sharding, shard_model
 from perft_jax.train.metrics import MetricsWriter, draw_router_heatmaps
 from perft_jax.train.optim import learning_rate_schedule, make_optimizer
 from perft_jax.train.router_stats import RouterStatsAccumulator, router_stats_scalars
@@ -38,41 +41,65 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left as it was."""
 
 
-def build_base_model(cfg: Config) -> MoeForCausalLM:
-    """The frozen base of `cfg.model`: restored from a converted checkpoint, or randomly initialised."""
+def build_base_model(cfg: Config, sharding: LogicalSharding | None = None) -> MoeForCausalLM:
+    """The frozen base of `cfg.model`: restored from a converted checkpoint, or randomly initialised.
+
+    With `sharding` (a device mesh, see `run_sharding`), a checkpoint is restored straight onto the mesh.
+    """
     section = cfg.model
+    mesh_args = {} if sharding is None else dict(mesh=sharding.mesh, rules=dict(sharding.rules),
+                                                  expert_dispatch=cfg.mesh.expert_dispatch)
     if section.checkpoint:
         return load_model(section.checkpoint, dtype=section.dtype, moe_backend=section.moe_backend,
-                          capacity_factor=section.capacity_factor)
-    return init_model(model_config(section), seed=section.init_seed)
-
-
-def build_model(cfg: Config) -> MoeForCausalLM:
-    model = build_base_model(cfg)
-    attach_perft(model, cfg.perft, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.adapter_dtype))
+                          capacity_factor=section.capacity_factor, **mesh_args)
+    model = init_model(model_config(section), seed=section.init_seed)
+    if sharding is not None:  # a random base (tests, benchmarks) is built whole, then placed
+        shard_model(model, sharding)
+        configure_expert_dispatch(model, sharding, cfg.mesh.expert_dispatch)
     return model
 
 
-def _validation_loss(model, rows: RaggedRows | None, cfg: Config, pad_id: int) -> float | None:
+def build_model(cfg: Config, sharding: LogicalSharding | None = None) -> MoeForCausalLM:
+    model = build_base_model(cfg, sharding)
+    if cfg.train.remat:  # the decoder reads this flag at call time; the weights are unaffected
+        model.config = model.config.replace(remat=True)
+    attach_perft(model, cfg.perft, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.adapter_dtype))
+    if sharding is not None:  # adapters and their dropout RNG state replicated over the mesh
+        shard_model(model, sharding)
+    return model
+
+
+def _to_device(batch: dict[str, np.ndarray], sharding: LogicalSharding | None) -> dict[str, jax.Array]:
+    """Host batch [B, T] (or [A, B, T]) -> device arrays; on a mesh, rows split over the batch axes and each
+    process transferring only its own rows."""
+    if sharding is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    shape = next(iter(batch.values())).shape
+    batch_dim = len(shape) - 2
+    return global_batch(batch, sharding.batch_sharding(shape, batch_dim), batch_dim)
+
+
+def _validation_loss(model, rows: RaggedRows | None, cfg: Config, pad_id: int,
+                     sharding: LogicalSharding | None = None) -> float | None:
     if rows is None or len(rows) == 0:
         return None
     total, tokens = 0.0, 0
     for batch in eval_batches(rows, cfg.data, pad_id):
-        losses = eval_step(model, {k: jnp.asarray(v) for k, v in batch.items()}, model.config, cfg.perft)
+        losses = eval_step(model, _to_device(batch, sharding), model.config, cfg.perft)
         count = int(losses["num_tokens"])
         total += float(losses["lm"]) * count
         tokens += count
     return total / max(tokens, 1)
 
 
-def _next_batch(iterator: BatchIterator, accum: int) -> dict[str, jax.Array]:
+def _next_batch(iterator: BatchIterator, accum: int, sharding: LogicalSharding | None = None) -> dict[str, jax.Array]:
     if accum == 1:
-        return {k: jnp.asarray(v) for k, v in next(iterator).items()}
+        return _to_device(next(iterator), sharding)
     micro = [next(iterator) for _ in range(accum)]
     length = max(b["input_ids"].shape[1] for b in micro)  # micro-batches of one step share a length
     if any(b["input_ids"].shape[1] != length for b in micro):
         micro = [_left_pad(b, length, iterator.pad_id) for b in micro]
-    return {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}
+    return _to_device({k: np.stack([b[k] for b in micro]) for k in micro[0]}, sharding)
 
 
 def _left_pad(batch: dict, length: int, pad_id: int) -> dict:
@@ -82,12 +109,28 @@ def _left_pad(batch: dict, length: int, pad_id: int) -> dict:
 
 
 def run_training(cfg: Config) -> dict:
-    """Train the adapters of `cfg`; returns a summary (steps, losses, where adapters were written)."""
+    """Train the adapters of `cfg`; returns a summary (steps, losses, where adapters were written).
+
+    With several devices (or processes, `mesh.distributed`), the run is one SPMD program over the mesh of
+    `cfg.mesh`; every process runs this same function.
+    """
+    initialize(cfg.mesh.distributed)  # multi-host: before anything touches a device
+    sharding = run_sharding(cfg.mesh)
+    if sharding is None:
+        return _run_training(cfg, None)
+    with jax.set_mesh(sharding.mesh):  # the train step pins adapters to this mesh (train/step.py)
+        return _run_training(cfg, sharding)
+
+
+def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
+    is_writer = jax.process_index() == 0  # only process 0 writes files, logs and progress bars
     run_dir = pathlib.Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-    model = build_model(cfg)
-    print(format_report(efficiency_report(model.config, cfg.perft)))
+    if is_writer:
+        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    model = build_model(cfg, sharding)
+    if is_writer:
+        print(format_report(efficiency_report(model.config, cfg.perft)))
 
     tokenizer_path = cfg.model.tokenizer or cfg.model.checkpoint
     if not tokenizer_path:
@@ -112,9 +155,9 @@ def run_training(cfg: Config) -> dict:
         step = restored.step
         iterator.restore(restored.data_state)
         best = restored.metadata.get("best", best)
-        print(f"resumed from step {step} ({checkpointer.directory})")
+        if is_writer:
+            print(f"resumed from step {step} ({checkpointer.directory})")
 
-    is_writer = jax.process_index() == 0
     writer = MetricsWriter(run_dir, is_writer=is_writer, tensorboard=cfg.train.tensorboard)
     router_stats = RouterStatsAccumulator()
     metadata = lambda: {"config": json.loads(cfg.to_json()), "best": best}  # noqa: E731
@@ -124,7 +167,7 @@ def run_training(cfg: Config) -> dict:
     window_tokens, window_start = 0, time.perf_counter()
     with preemption_guard() as guard:
         while step < total_steps:
-            batch = _next_batch(iterator, accum)
+            batch = _next_batch(iterator, accum, sharding)
             metrics = train_step(model, optimizer, batch, model.config, cfg.perft)
             router_stats.update(jax.device_get(metrics.pop("router")))
             loss = float(metrics["total"])
@@ -146,25 +189,28 @@ def run_training(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
             if cfg.train.eval_every_steps and (step % cfg.train.eval_every_steps == 0 or step == total_steps):
-                val_loss = _validation_loss(model, val_rows, cfg, pad_id)
+                val_loss = _validation_loss(model, val_rows, cfg, pad_id, sharding)
                 if val_loss is not None:
                     writer.write(step, {"lm": val_loss}, split="val")
                     if cfg.train.keep_best and (best["val_loss"] is None or val_loss < best["val_loss"]):
                         best = {"val_loss": val_loss, "step": step}
-                        save_adapters(model, run_dir / "best_adapters", overwrite=True)
+                        if is_writer:
+                            save_adapters(model, run_dir / "best_adapters", overwrite=True)
             bar.update(1)
             checkpointer.save(step, model, optimizer, iterator.state(), metadata(),
                               force=step == total_steps or guard.should_stop())
             if guard.should_stop():
                 checkpointer.wait_until_finished()
-                print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+                if is_writer:
+                    print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
                 summary.update(stopped=True, step=step)
                 bar.close()
                 writer.close()
                 return summary
     bar.close()
     checkpointer.wait_until_finished()
-    save_adapters(model, run_dir / "adapters", overwrite=True)
+    if is_writer:
+        save_adapters(model, run_dir / "adapters", overwrite=True)
     if is_writer and router_stats.count:
         draw_router_heatmaps(router_stats.mean(), run_dir / "router_stats.png")
     writer.close()

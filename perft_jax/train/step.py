@@ -22,6 +22,15 @@ from perft_jax.train.router_stats import router_statistics
 Batch = dict[str, jax.Array]  # input_ids, labels, attention_mask: [B, T] int32
 
 
+def _pin_replicated(tree):
+    """Under a mesh (`jax.set_mesh`), keep adapters and optimizer state replicated, as they were placed
+    (perft/attach.py): otherwise XLA may return them sharded, which changes the next step's input shardings
+    and compiles the step again."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, jax.P())
+
+
 def loss_fn(model: MoeForCausalLM, batch: Batch, model_cfg: ModelConfig, perft_cfg: PerftConfig):
     """-> (total loss, {loss terms..., "router": per-layer router statistics})."""
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -53,6 +62,8 @@ def train_step(model: MoeForCausalLM, optimizer: nnx.Optimizer, batch: Batch, mo
         grads = jax.tree.map(lambda g: g / micro, grads)
         losses = {k: v if k in ("num_tokens", "router") else v / micro for k, v in losses.items()}
     optimizer.update(model, grads)
+    nnx.update(model, _pin_replicated(nnx.state(model, AdapterParam)))
+    nnx.update(optimizer, _pin_replicated(nnx.state(optimizer)))
     return {**losses, "grad_norm": optax.tree.norm(grads)}
 
 

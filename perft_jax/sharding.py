@@ -1,0 +1,259 @@
+"""Device meshes and logical-axis sharding: the `mesh` config section and the one sharding helper.
+
+Every parameter names its axes logically (`axes=("exp", "embed_moe", "mlp_moe")`, see models/layers.py);
+a table of rules (MaxText's `logical_axis_rules`) maps each logical name to zero or more mesh axes:
+
+    mesh axes   data (pure data parallelism), fsdp (data parallelism with sharded weights),
+                expert (expert parallelism; also shards the batch), tensor (sharded matmul widths)
+
+`LogicalSharding(mesh, rules)` turns logical names into `PartitionSpec`s / `NamedSharding`s, places whole
+model states (`state_shardings`) and constrains activations (`shard`). Adapters (`AdapterParam`) are tiny and
+stay replicated whatever their logical names say (perft/attach.py `place_like_base`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from perft_jax.distributed import DistributedConfig
+from perft_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical name -> mesh axes (a name, a list of names, or null = replicated). Names used by the models
+# (models/layers.py, moe/, perft/) plus the activation names used by the train step and moe/ep.py.
+DEFAULT_RULES: dict[str, Any] = {
+    # The batch is split over every axis but `tensor`: devices of one expert group hold different rows
+    # and the ring dispatch (moe/ep.py) gathers them (MaxText shards activation_batch over expert too).
+    "activation_batch": ["data", "fsdp", "expert"],
+    "vocab": "tensor",
+    "embed": "fsdp",  # FSDP: dense weights split along the model width, gathered by XLA right before use
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "exp": "expert",
+    "embed_moe": "fsdp",
+    "mlp_moe": "tensor",
+    "exp_router": None,
+    "adapters": None,
+    "adapter_rank": None,
+}
+
+
+def _as_axes(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `mesh` config section: axis sizes (-1 = the devices left), rules, dispatch, multi-host start.
+
+    Attributes:
+        data, fsdp, expert, tensor: mesh axis sizes; their product must equal the device count, and at
+            most one may be -1 ("the rest").
+        expert_dispatch: "ring": experts run under `jax.shard_map` (moe/ep.py) with tokens all-gathered over
+            `expert` and outputs reduce-scattered back; "gspmd": the model's own backend, partitioned by XLA.
+        logical_axis_rules: entries replace the default table's (`DEFAULT_RULES`) of the same logical name.
+        distributed: `jax.distributed.initialize` settings (perft_jax/distributed.py).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    expert_dispatch: Literal["ring", "gspmd"] = "ring"
+    logical_axis_rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        # A mapping given in a config file updates the defaults, so a user writes only what differs.
+        if isinstance(self.logical_axis_rules, Mapping):
+            object.__setattr__(self, "logical_axis_rules", {**DEFAULT_RULES, **self.logical_axis_rules})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in MESH_AXES)
+
+    def rules(self) -> dict[str, tuple[str, ...]]:
+        """The validated table, each value a tuple of mesh axes (empty: replicated)."""
+        return normalize_rules(self.logical_axis_rules, "mesh.logical_axis_rules")
+
+    def validate_config(self, prefix: str = "mesh") -> MeshConfig:
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if not isinstance(size, int) or isinstance(size, bool) or not (size == -1 or size >= 1):
+                raise UserError(f"{prefix}.{axis}: expected a positive integer or -1 (the rest), got {size!r}")
+        if self.shape.count(-1) > 1:
+            rest = [a for a in MESH_AXES if getattr(self, a) == -1]
+            raise UserError(f"{prefix}.{rest[1]}: at most one mesh axis may be -1, got {', '.join(rest)}")
+        normalize_rules(self.logical_axis_rules, f"{prefix}.logical_axis_rules")
+        return self
+
+
+def normalize_rules(rules: Any, prefix: str = "logical_axis_rules") -> dict[str, tuple[str, ...]]:
+    """Check a rules table (name -> mesh axis | list of mesh axes | None) and return name -> tuple of axes."""
+    if not isinstance(rules, Mapping):
+        raise UserError(f"{prefix}: expected a mapping of logical axis name to mesh axis, got {rules!r}")
+    table = {}
+    for name, value in rules.items():
+        ok = value is None or isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+        if not isinstance(name, str) or not ok:
+            raise UserError(f"{prefix}.{name}: expected a mesh axis, a list of mesh axes or null, got {value!r}")
+        axes = _as_axes(value)
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise UserError(f"{prefix}.{name}: unknown mesh axis {axis!r} (known: {', '.join(MESH_AXES)})")
+        if len(set(axes)) != len(axes):
+            raise UserError(f"{prefix}.{name}: mesh axis listed twice in {list(axes)}")
+        table[name] = axes
+    return table
+
+
+def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Mesh sizes with -1 filled in; a one-line error naming the `mesh` keys when they do not fit."""
+    cfg.validate_config()
+    fixed = math.prod(s for s in cfg.shape if s != -1)
+    sizes = ", ".join(f"{a}={getattr(cfg, a)}" for a in MESH_AXES)
+    if -1 in cfg.shape:
+        if num_devices % fixed:
+            raise UserError(f"mesh: {sizes} does not divide the {num_devices} devices")
+        return tuple(num_devices // fixed if s == -1 else s for s in cfg.shape)
+    if fixed != num_devices:
+        raise UserError(f"mesh: {sizes} needs {fixed} devices, found {num_devices}")
+    return cfg.shape
+
+
+def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: all, across processes).
+
+    Axes are `AxisType.Auto` (classic GSPMD: XLA propagates shardings and inserts collectives);
+    `jax.make_mesh` defaults to Explicit axes since 0.7 (spec/ENGINEERING.md §2).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_shape(cfg, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalSharding:
+    """A mesh and its rules: logical axis names -> `PartitionSpec` / `NamedSharding`.
+
+    Hashable (the rules are stored as a sorted tuple), so it can sit in a module's static attributes.
+    """
+
+    mesh: jax.sharding.Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def create(cls, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> LogicalSharding:
+        """`rules` default to `DEFAULT_RULES`; a rule naming an axis the mesh lacks is a one-line error."""
+        table = normalize_rules(DEFAULT_RULES if rules is None else rules)
+        for name, axes in table.items():
+            for axis in axes:
+                if axis not in mesh.axis_names:
+                    raise UserError(f"logical_axis_rules.{name}: unknown mesh axis {axis!r} "
+                                    f"(mesh axes: {', '.join(mesh.axis_names)})")
+        return cls(mesh, tuple(sorted(table.items())))
+
+    def mesh_axes(self, name: str | None) -> tuple[str, ...]:
+        """Mesh axes of one logical name; names without a rule (and None) are replicated."""
+        return dict(self.rules).get(name, ()) if name is not None else ()
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
+             what: str = "array") -> PartitionSpec:
+        """PartitionSpec of an array whose dimensions have logical `names`.
+
+        With `shape`, each dimension must divide evenly over its mesh axes (XLA's placement requires it);
+        mesh axes of size 1 are dropped from the spec, so a rule costs nothing on a mesh that lacks it.
+        """
+        used: dict[str, str] = {}
+        entries = []
+        for dim, name in enumerate(names):
+            axes = tuple(a for a in self.mesh_axes(name) if self.mesh.shape[a] > 1)
+            for axis in axes:
+                if axis in used:
+                    raise UserError(f"{what}: logical axes {used[axis]!r} and {name!r} both map to mesh axis "
+                                    f"{axis!r}; change one of their logical_axis_rules")
+                used[axis] = name
+            size = math.prod(self.mesh.shape[a] for a in axes)
+            if shape is not None and shape[dim] % size:
+                raise UserError(f"{what}: dimension {dim} ({name}, size {shape[dim]}) does not divide over mesh "
+                                f"axes {list(axes)} of {size} devices; change the mesh or logical_axis_rules.{name}")
+            entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        while entries and entries[-1] is None:
+            entries.pop()
+        return PartitionSpec(*entries)
+
+    def named_sharding(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
+                       what: str = "array") -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, shape, what))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def shard(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        """Constrain (under jit) or place (eagerly) `x` by logical names; Explicit axes are resharded."""
+        sharding = self.named_sharding(names, x.shape)
+        if any(t == AxisType.Explicit for t in self.mesh.axis_types):
+            return jax.sharding.reshard(x, sharding)
+        if isinstance(x, jax.core.Tracer):
+            return jax.lax.with_sharding_constraint(x, sharding)
+        return jax.device_put(x, sharding)
+
+    def batch_sharding(self, shape: Sequence[int], batch_dim: int = 0) -> NamedSharding:
+        """Inputs [B, T] (or [A, B, T] with `batch_dim=1`): rows over the `activation_batch` axes."""
+        names = [None] * len(shape)
+        names[batch_dim] = "activation_batch"
+        return self.named_sharding(names, shape, what="data.batch_size")
+
+    def variable_sharding(self, path: tuple, var: nnx.Variable) -> NamedSharding:
+        """Where one model variable lives: by its `axes` metadata; adapters and untagged variables replicated."""
+        from perft_jax.perft.adapters import AdapterParam  # perft imports models; avoid a cycle at import
+
+        axes = var.get_metadata().get("axes")
+        if axes is None or isinstance(var, AdapterParam) or not hasattr(var, "shape"):
+            return self.replicated
+        where = ".".join(str(p) for p in path)
+        if len(axes) != len(var.shape):
+            raise UserError(f"{where}: axes {axes} do not match its shape {tuple(var.shape)}")
+        return self.named_sharding(axes, var.shape, where)
+
+    def state_shardings(self, state: nnx.State) -> nnx.State:
+        """An `nnx.State` of `NamedSharding`s, one per variable of `state` (values or ShapeDtypeStructs)."""
+        flat = [(path, var.replace(self.variable_sharding(path, var))) for path, var in nnx.to_flat_state(state)]
+        return nnx.from_flat_state(flat)
+
+
+def run_sharding(cfg: MeshConfig) -> LogicalSharding | None:
+    """The mesh of a run over all devices (all processes), or None when there is a single device: then
+    nothing is placed explicitly and single-device runs stay exactly as they were."""
+    mesh = build_mesh(cfg)
+    if mesh.size == 1:
+        return None
+    return LogicalSharding.create(mesh, cfg.rules())
+
+
+def shard_model(model: nnx.Module, sharding: LogicalSharding) -> nnx.Module:
+    """Move every variable of `model` onto its rule-given sharding, in place (also returned)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, sharding.state_shardings(state)))  # device to device, no host copy
+    return model
+
+
+def shard_shapes(x: jax.Array) -> list[tuple[int, ...]]:
+    """Shapes of the shards this process holds (one per addressable device)."""
+    return [tuple(np.shape(s.data)) for s in x.addressable_shards]

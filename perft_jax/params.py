@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from perft_jax import config
-from perft_jax.errors import UserError
+from perft_jax.errors import run_cli
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
 
@@ -78,12 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        print(run(args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(run(args)))
 
 
 if __name__ == "__main__":

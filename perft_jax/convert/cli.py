@@ -12,7 +12,7 @@ import importlib.util
 import pathlib
 import sys
 
-from perft_jax.errors import UserError
+from perft_jax.errors import UserError, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,12 +63,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

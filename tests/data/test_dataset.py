@@ -5,6 +5,7 @@ import json
 
 import datasets
 import pytest
+from testing_utils import CharTokenizer
 
 from perft_jax.data.config import DataConfig
 from perft_jax.data.dataset import build_training_data, load_records
@@ -13,21 +14,6 @@ from perft_jax.data.tokenize import load_tokenizer, tokenize_example
 from perft_jax.errors import UserError
 
 datasets.disable_progress_bars()
-
-
-class CharTokenizer:
-    """One id per character; "\\x03" is EOS."""
-
-    eos_id, pad_id, bos_id, source = 3, 0, None, "chars"
-
-    def encode(self, text, max_length=None):
-        return [ord(c) for c in text][:max_length]
-
-    def encode_batch(self, texts, max_length=None):
-        return [self.encode(t, max_length) for t in texts]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(map(chr, ids))
 
 
 class EmptyTokenizer(CharTokenizer):

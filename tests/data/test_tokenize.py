@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from testing_utils import CharTokenizer
 
 from perft_jax.data.config import DataConfig
 from perft_jax.data.prompts import record_prompt_split
@@ -13,21 +14,6 @@ from perft_jax.errors import UserError
 
 OLMOE_EOS, OLMOE_PAD = 50279, 1  # ENGINEERING.md §8
 MIXTRAL_BOS, MIXTRAL_EOS = 1, 2
-
-
-class CharTokenizer:
-    """One id per character (its code point); "\\x03" is EOS. Makes every count in the EOS rule visible."""
-
-    eos_id, pad_id, bos_id = 3, 0, None
-
-    def encode(self, text, max_length=None):
-        return [ord(c) for c in text][:max_length]
-
-    def encode_batch(self, texts, max_length=None):
-        return [self.encode(t, max_length) for t in texts]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(map(chr, ids))
 
 
 def ids(text):

@@ -4,9 +4,10 @@ Every trainable PERFT weight is an :class:`AdapterParam`, an `nnx.Param` subclas
 splits, checkpoints and parameter counts filter on that type, so the frozen base never gets gradients
 or optimizer state.
 
-An :class:`AdapterBank` holds M adapter experts of one form with stacked weights and computes them all
-densely, combined with per-token gates [T, M]: PERFT adapters are tiny next to the base experts, so
-dense compute is cheaper than dispatching (spec/ENGINEERING.md §5).
+An :class:`AdapterBank` holds M adapter experts of one form with stacked weights. Always-on and
+DynMoLE-gated banks run every adapter on every token, combined with per-token gates [T, M]. Top-k routed
+banks (PERFT-R, PERFT-E) run only the chosen K of M per token (`routed`): rows sorted by adapter into
+fixed-size blocks (moe/grouped.py), so cost follows K, not M.
 
 Shapes: T tokens, D model width, M adapter experts, R bottleneck (LoRA rank r or adapter width D_B).
 Weights are stored (in, out), i.e. the reference PyTorch `nn.Linear` weights transposed.
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from perft_jax.moe import grouped
 from perft_jax.perft.config import PerftConfig
 
 # As HF's ACT2FN, which the reference resolves `hidden_act` through: "gelu" is the exact (erf) form.
@@ -66,18 +68,40 @@ class AdapterBank(nnx.Module):
         self.num = num
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, gates: jax.Array | None = None) -> jax.Array:
-        x = x.astype(self.dtype)
+    def _matrices(self) -> tuple[jax.Array, jax.Array]:
+        first, second = (self.lora_A, self.lora_B) if self.form == "lora" else (self.adapter_w1, self.adapter_w2)
+        return first[...].astype(self.dtype), second[...].astype(self.dtype)
+
+    def _hidden(self, x: jax.Array, project) -> jax.Array:
+        """The bottleneck activations, `project` applying the first matrix; dropout where the reference has it."""
         if self.form == "lora":
-            first, second = self.lora_A[...].astype(self.dtype), self.lora_B[...].astype(self.dtype)
-            h = jnp.einsum("td,mdr->mtr", self.dropout(x), first) * self.scale  # dropout on the input
-        else:
-            first, second = self.adapter_w1[...].astype(self.dtype), self.adapter_w2[...].astype(self.dtype)
-            # Parallel adapter: dropout after W1, before the activation (reference Parallel_Adapter).
-            h = ACTIVATIONS[self.activation](self.dropout(jnp.einsum("td,mdr->mtr", x, first)))  # [M, T, R]
+            return project(self.dropout(x)) * self.scale  # LoRA: dropout on the input
+        # Parallel adapter: dropout after W1, before the activation (reference Parallel_Adapter).
+        return ACTIVATIONS[self.activation](self.dropout(project(x)))
+
+    def __call__(self, x: jax.Array, gates: jax.Array | None = None) -> jax.Array:
+        """Every adapter on every token: x [T, D], gates [T, M] (None: all weighted 1) -> [T, D]."""
+        x = x.astype(self.dtype)
+        first, second = self._matrices()
+        h = self._hidden(x, lambda v: jnp.einsum("td,mdr->mtr", v, first))  # [M, T, R]
         if gates is not None:
             h = h * gates.astype(self.dtype).T[:, :, None]  # gate before the second matmul: no [M, T, D]
         return jnp.einsum("mtr,mrd->td", h, second)
+
+    def routed(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+        """Only the chosen adapters: x [T, D], weights / indices [T, K] -> sum_k w_tk A_{i_tk}(x_t), [T, D].
+
+        Equal to `self(x, dense gates)` (without dropout), at K / M of its FLOPs plus block padding.
+        """
+        t, k = indices.shape
+        x = x.astype(self.dtype)
+        first, second = self._matrices()
+        layout = grouped.block_layout(indices.reshape(-1), self.num)  # token-major pairs
+        rows = grouped.gather_rows(x, layout, pairs_per_row=k)  # [NB, b, D]
+        h = self._hidden(rows, lambda v: grouped.grouped_matmul(v, first, layout))  # [NB, b, R]
+        h = h * grouped.gather_pair_values(weights.reshape(-1).astype(self.dtype), layout)[..., None]
+        out = grouped.scatter_rows(grouped.grouped_matmul(h, second, layout), layout)  # [T*K, D]
+        return out.reshape(t, k, -1).sum(axis=1)
 
     def params_per_adapter(self) -> int:
         first = self.lora_A if self.form == "lora" else self.adapter_w1

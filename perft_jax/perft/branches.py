@@ -20,12 +20,6 @@ from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.dynmole import dynmole_routing
 
 
-def dense_gates(weights: jax.Array, indices: jax.Array, num: int) -> jax.Array:
-    """Top-k (weights, indices) [T, k] -> dense gates [T, num], zero where not selected."""
-    rows = jnp.arange(weights.shape[0])[:, None]
-    return jnp.zeros((weights.shape[0], num), weights.dtype).at[rows, indices].set(weights)
-
-
 class SharedAdapters(nnx.Module):
     """PERFT-S (M = 1) and PERFT-D: always-on adapters, outputs summed without weights."""
 
@@ -49,7 +43,7 @@ class EmbeddedAdapters(nnx.Module):
 
     def __call__(self, x, base_weights, base_indices):
         # sum_{i in topk} g_i (E_i(x) + A_i(x)) = MoE(x) + sum_i g_i A_i(x)
-        return self.bank(x, dense_gates(base_weights, base_indices, self.bank.num)), None
+        return self.bank.routed(x, base_weights, base_indices), None
 
     def activated_trainable_params(self) -> int:
         return self.top_k * self.bank.params_per_adapter()
@@ -74,14 +68,14 @@ class RoutedAdapters(nnx.Module):
     def __call__(self, x, base_weights, base_indices):
         logits = jnp.dot(x.astype(self.dtype), self.router[...].astype(self.dtype))  # [T, M]
         if self.kind == "dynmole":
+            # A token may select any number of adapters (broadcast: all M), so the bank runs densely.
             gates = dynmole_routing(logits, self.dynmole).weights  # unnormalised, zeros off the selection
-        else:
-            weights, indices, _ = topk_routing(logits, self.top_k, self.renormalize)
-            if self.gate_weights == "base_router_rank":
-                # Reference OLMoE quirk: the s-th chosen adapter gets the s-th largest base weight.
-                weights = base_weights[:, : self.top_k].astype(jnp.float32)
-            gates = dense_gates(weights, indices, self.bank.num)
-        return self.bank(x, gates), logits
+            return self.bank(x, gates), logits
+        weights, indices, _ = topk_routing(logits, self.top_k, self.renormalize)
+        if self.gate_weights == "base_router_rank":
+            # Reference OLMoE quirk: the s-th chosen adapter gets the s-th largest base weight.
+            weights = base_weights[:, : self.top_k].astype(jnp.float32)
+        return self.bank.routed(x, weights, indices), logits
 
     def activated_trainable_params(self) -> int:
         """K adapters plus the router per token (for DynMoLE, K is the floor; broadcasts activate more)."""

@@ -1,0 +1,136 @@
+"""Dropless grouped matmuls on CPU-friendly fixed shapes: rows sorted by group, padded to blocks.
+
+Top-k routing gives n = T*K (token, choice) pairs, each belonging to one of G groups (experts or adapter
+experts). `BlockLayout` sorts the pairs by group and pads every group to a multiple of `block` rows, so
+the rows form `num_blocks` blocks that each belong to exactly one group. A grouped matmul is then one
+batched einsum over blocks with the block's group weights gathered: [NB, b, D] x [NB, D, F].
+
+Why not the alternatives: computing every group on every row (dense gates) costs G/K times the useful
+FLOPs, which is what makes step time grow with the number of adapter experts; `lax.ragged_dot` has no
+efficient CPU lowering; capacity buffers drop pairs. Here the work is fixed by shapes alone:
+num_blocks * block <= n + (G - 1) * block rows, whatever the routing, and nothing is dropped.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def default_block(num_pairs: int, num_groups: int) -> int:
+    """Rows per block: about a quarter of a group's even share (padding <= 1/4 of the rows on average),
+    a power of two in [8, 256] so blocks stay matmul-sized."""
+    share = max(1, num_pairs // (4 * num_groups))
+    return int(min(256, max(8, 1 << (share.bit_length() - 1))))
+
+
+@flax.struct.dataclass
+class BlockLayout:
+    """Where each pair sits in the padded, group-sorted row order.
+
+    pair_row [n]: the padded row of pair i; row_pair [NB*b]: the pair feeding each padded row, n if padding;
+    block_group [NB]: each block's group.
+    """
+
+    pair_row: jax.Array
+    row_pair: jax.Array
+    block_group: jax.Array
+    block: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_pair.shape[0]
+
+
+def block_layout(group_ids: jax.Array, num_groups: int, block: int | None = None) -> BlockLayout:
+    """group_ids [n] int -> BlockLayout. Pairs keep their order within a group (stable sort)."""
+    n = group_ids.shape[0]
+    block = default_block(n, num_groups) if block is None else block
+    # sum_g ceil(c_g / b) <= ceil(n / b) + G - 1: a static bound on the blocks any routing needs.
+    num_blocks = _cdiv(n, block) + num_groups - 1
+    group_ids = group_ids.astype(jnp.int32)
+    counts = jnp.bincount(group_ids, length=num_groups)
+    blocks_per_group = _cdiv(counts, block)
+    block_end = jnp.cumsum(blocks_per_group)
+    order = jnp.argsort(group_ids, stable=True)
+    sorted_groups = group_ids[order]
+    rank = jnp.arange(n) - (jnp.cumsum(counts) - counts)[sorted_groups]
+    padded = (block_end - blocks_per_group)[sorted_groups] * block + rank
+    pair_row = jnp.zeros(n, jnp.int32).at[order].set(padded.astype(jnp.int32))
+    row_pair = jnp.full(num_blocks * block, n, jnp.int32).at[padded].set(order.astype(jnp.int32))
+    # Blocks past the last group's end hold only padding; give them any valid group.
+    block_group = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"), num_groups - 1)
+    return BlockLayout(pair_row=pair_row, row_pair=row_pair, block_group=block_group.astype(jnp.int32),
+                       block=block)
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[index] with index == len(x) reading a zero row."""
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
+
+
+# The two row moves below are each other's transpose (pairs <-> padded rows is a bijection plus padding),
+# so each one's gradient is the other move: a gather again, never the scatter-add XLA would derive,
+# which runs serially on CPU.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rows_to_blocks(x, layout, pairs_per_row):
+    n = layout.pair_row.shape[0]
+    return _take(x, jnp.where(layout.row_pair < n, layout.row_pair // pairs_per_row, x.shape[0]))
+
+
+def _rows_to_blocks_fwd(x, layout, pairs_per_row):
+    return _rows_to_blocks(x, layout, pairs_per_row), layout
+
+
+def _rows_to_blocks_bwd(pairs_per_row, layout, grad):
+    per_pair = grad[layout.pair_row]  # [n, D]: each pair's row; a token's K pairs are adjacent
+    return per_pair.reshape(-1, pairs_per_row, per_pair.shape[-1]).sum(axis=1), None
+
+
+_rows_to_blocks.defvjp(_rows_to_blocks_fwd, _rows_to_blocks_bwd)
+
+
+@jax.custom_vjp
+def _blocks_to_pairs(rows, layout):
+    return rows[layout.pair_row]
+
+
+def _blocks_to_pairs_fwd(rows, layout):
+    return rows[layout.pair_row], layout
+
+
+def _blocks_to_pairs_bwd(layout, grad):
+    return _take(grad, layout.row_pair), None  # padding rows get zero gradient
+
+
+_blocks_to_pairs.defvjp(_blocks_to_pairs_fwd, _blocks_to_pairs_bwd)
+
+
+def gather_rows(x: jax.Array, layout: BlockLayout, pairs_per_row: int = 1) -> jax.Array:
+    """x [n / pairs_per_row, D] -> [NB, b, D] in padded order, zeros in padding rows.
+
+    Pair p reads row p // pairs_per_row: with token-major top-k pairs (pairs_per_row = K) x is the token
+    matrix itself, and no [n, D] copy of the tokens is made.
+    """
+    return _rows_to_blocks(x, layout, pairs_per_row).reshape(-1, layout.block, x.shape[-1])
+
+
+def gather_pair_values(values: jax.Array, layout: BlockLayout) -> jax.Array:
+    """values [n] (one per pair, e.g. gate weights) -> [NB, b] in padded order, zeros in padding rows."""
+    return gather_rows(values[:, None], layout)[..., 0]
+
+
+def scatter_rows(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """[NB, b, F] in padded order -> [n, F], one row per pair (the inverse of `gather_rows`)."""
+    return _blocks_to_pairs(blocks.reshape(layout.num_rows, -1), layout)
+
+
+def grouped_matmul(blocks: jax.Array, weights: jax.Array, layout: BlockLayout) -> jax.Array:
+    """blocks [NB, b, D] x group weights [G, D, F] -> [NB, b, F]: each block by its own group's matrix."""
+    return jnp.einsum("nbd,ndf->nbf", blocks, weights[layout.block_group])

@@ -41,7 +41,7 @@ class ModelSection:
     tokenizer: str = ""  # default: the checkpoint directory (the converter copies tokenizer files there)
     dtype: Literal["float32", "bfloat16"] | None = None  # base compute + storage dtype; default: as stored
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"  # adapters stay float32 under a bf16 base
-    moe_backend: Literal["dense", "capacity", "ragged"] | None = None
+    moe_backend: Literal["dense", "capacity", "grouped", "ragged"] | None = None
     capacity_factor: float | None = None
     init_seed: int = 0  # with hf_config: the base's random init
 

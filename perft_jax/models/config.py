@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from perft_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MOE_BACKENDS = ("dense", "capacity", "ragged")
+MOE_BACKENDS = ("dense", "capacity", "grouped", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)

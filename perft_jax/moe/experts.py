@@ -10,6 +10,8 @@ Backends (`ModelConfig.moe_backend`), all computing y_t = sum_k w_tk * E_{i_tk}(
 - `capacity`: each (token, choice) pair gets a slot in a per-expert buffer [E, C, D] with
   C = ceil(T*K/E * capacity_factor); one batched einsum runs all experts; pairs past an expert's
   capacity are dropped (counted in `dropped`). Fastest on CPU (ENGINEERING.md §5).
+- `grouped`: pairs sorted by expert into fixed-size blocks (moe/grouped.py), one batched einsum with
+  each block's expert weights gathered; dropless, at most (E - 1) blocks of padding. For CPU.
 - `ragged`: pairs sorted by expert and run through `jax.lax.ragged_dot` (grouped matmul); dropless.
   Meant for GPU/TPU.
 """
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perft_jax.models.config import ModelConfig
+from perft_jax.moe import grouped
 from perft_jax.models.layers import normal_init
 
 
@@ -79,6 +82,21 @@ def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float
     return y, jnp.sum(flat_valid & ~keep).astype(jnp.int32)
 
 
+def grouped_dispatch(x, weights, indices, gate_up, down, valid=None):
+    """Sorted fixed-size blocks and a batched einsum (moe/grouped.py). Dropless."""
+    t, k = indices.shape
+    num_experts = gate_up.shape[0]
+    if valid is not None:  # other devices' pairs: an extra group past the real ones, weighted zero
+        indices = jnp.where(valid, indices, num_experts)
+        weights = jnp.where(valid, weights, 0)
+    layout = grouped.block_layout(indices.reshape(-1), num_experts + (valid is not None))
+    rows = grouped.gather_rows(x, layout, pairs_per_row=k)  # [NB, b, D]
+    h = _swiglu(grouped.grouped_matmul(rows, gate_up, layout))
+    h = h * grouped.gather_pair_values(weights.reshape(-1), layout)[..., None]  # weight before the down matmul
+    out = grouped.scatter_rows(grouped.grouped_matmul(h, down, layout), layout)  # [T*K, D]
+    return out.reshape(t, k, -1).sum(axis=1), jnp.zeros((), jnp.int32)
+
+
 def ragged_dispatch(x, weights, indices, gate_up, down, valid=None):
     """Sort pairs by expert, grouped matmul with `lax.ragged_dot`, unsort. Dropless."""
     t, k = indices.shape
@@ -124,4 +142,6 @@ class Experts(nnx.Module):
             return dense_dispatch(x, weights, indices, gate_up, down)
         if self.backend == "capacity":
             return capacity_dispatch(x, weights, indices, gate_up, down, self.capacity_factor)
+        if self.backend == "grouped":
+            return grouped_dispatch(x, weights, indices, gate_up, down)
         return ragged_dispatch(x, weights, indices, gate_up, down)

@@ -132,5 +132,9 @@ def scatter_rows(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
 
 
 def grouped_matmul(blocks: jax.Array, weights: jax.Array, layout: BlockLayout) -> jax.Array:
-    """blocks [NB, b, D] x group weights [G, D, F] -> [NB, b, F]: each block by its own group's matrix."""
-    return jnp.einsum("nbd,ndf->nbf", blocks, weights[layout.block_group])
+    """blocks [NB, b, D] x group weights [G, D, F] -> [NB, b, F]: each block by its own group's matrix.
+
+    Blocks of groups >= G (a caller's "nowhere" group, whose rows it weights by zero) use the last matrix.
+    """
+    group = jnp.minimum(layout.block_group, weights.shape[0] - 1)
+    return jnp.einsum("nbd,ndf->nbf", blocks, weights[group])

@@ -48,7 +48,7 @@ def converted(tmp_path_factory, torch_required):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("backend", ["dense", "capacity", "ragged"])
+@pytest.mark.parametrize("backend", ["dense", "capacity", "grouped", "ragged"])
 def test_logits_match_hf_with_padding(converted, name, backend):
     hf, ckpt = converted(name)
     model = load_model(ckpt, moe_backend=backend, capacity_factor=16.0)  # large enough to drop nothing

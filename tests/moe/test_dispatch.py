@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perft_jax.moe.experts import capacity, capacity_dispatch, dense_dispatch, ragged_dispatch
+from perft_jax.moe.experts import capacity, capacity_dispatch, dense_dispatch, grouped_dispatch, ragged_dispatch
 from perft_jax.moe.routing import topk_routing
 
 T, D, I, E, K = 24, 16, 8, 6, 2
@@ -40,7 +40,8 @@ def problem():
 BACKENDS = {
     "dense": dense_dispatch,
     "ragged": ragged_dispatch,
-    "capacity": lambda *a: capacity_dispatch(*a, capacity_factor=float(E)),  # room for every pair
+    "grouped": grouped_dispatch,
+    "capacity": lambda *a, **kw: capacity_dispatch(*a, capacity_factor=float(E), **kw),  # room for every pair
 }
 
 
@@ -52,7 +53,7 @@ def test_forward_equals_loop_reference(problem, backend):
     np.testing.assert_allclose(np.asarray(y), loop_reference(*problem), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["capacity", "ragged"])
+@pytest.mark.parametrize("backend", ["capacity", "grouped", "ragged"])
 def test_gradients_equal_dense(problem, backend):
     """Gradients w.r.t. tokens, routing weights and expert weights agree with the dense reference."""
     def loss(fn, x, w, gu, dn):
@@ -62,6 +63,16 @@ def test_gradients_equal_dense(problem, backend):
     grads = jax.grad(lambda *a: loss(BACKENDS[backend], *a), argnums=(0, 1, 2, 3))(x, w, gu, dn)
     want = jax.grad(lambda *a: loss(dense_dispatch, *a), argnums=(0, 1, 2, 3))(x, w, gu, dn)
     chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_valid_mask_computes_only_the_valid_pairs(problem, backend):
+    """Expert parallelism passes `valid`: the other pairs contribute nothing, whatever their indices."""
+    x, weights, indices, gate_up, down = problem
+    valid = np.asarray(jax.random.bernoulli(jax.random.key(5), 0.5, indices.shape))
+    y, _ = BACKENDS[backend](x, weights, jnp.where(valid, indices, 0), gate_up, down, valid=jnp.asarray(valid))
+    want = loop_reference(x, np.asarray(weights) * valid, np.asarray(indices), gate_up, down)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
 
 
 def test_capacity_drops_overflow_and_counts_it():

@@ -21,7 +21,7 @@ from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.moe.ep import configure_expert_dispatch
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
-from perft_jax.sharding import LogicalSharding, shard_model
+from perft_jax.sharding import LogicalSharding, remember_sharding, shard_model
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
@@ -37,7 +37,7 @@ def abstract_model(cfg: ModelConfig) -> MoeForCausalLM:
 def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_dtype: str | None = None,
                moe_backend: str | None = None, capacity_factor: float | None = None,
                sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None,
-               rules: Mapping[str, Any] | None = None, expert_dispatch: str = "ring",
+               rules: Mapping[str, Any] | None = None, expert_dispatch: str = "ring", shard_adapters: bool = False,
                perft: PerftConfig | None = None, seed: int = 0) -> MoeForCausalLM:
     """Restore a converted base checkpoint as an NNX model.
 
@@ -52,7 +52,10 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
         `NamedSharding` given by `rules` (each process reads only the shards its devices hold).
       rules: logical axis rules (default: perft_jax.sharding.DEFAULT_RULES).
       expert_dispatch: with `mesh`: "ring" runs the experts under shard_map (perft_jax/moe/ep.py),
-        "gspmd" leaves the configured backend to XLA's partitioner.
+        "gspmd" leaves the configured backend to XLA's partitioner; "ragged_a2a" (GPU/TPU) sends each token to
+        its experts' devices with `jax.lax.ragged_all_to_all`.
+      shard_adapters: with `mesh`: place adapters (attached now or later) and their optimizer state by `rules`
+        instead of replicating them.
       perft: attach freshly initialised PERFT adapters described by this config (seeded by `seed`).
     """
     cfg, _ = base_ckpt.read_manifest(pathlib.Path(ckpt_dir))
@@ -61,7 +64,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     if mesh is not None:
-        logical = LogicalSharding.create(mesh, rules)
+        logical = LogicalSharding.create(mesh, rules, shard_adapters)
         shardings = nnx.to_pure_dict(logical.state_shardings(abstract_state))
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               nnx.to_pure_dict(abstract_state), shardings)
@@ -73,6 +76,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)
     if mesh is not None:
+        remember_sharding(model, logical)  # adapters attached later and the train step follow this placement
         configure_expert_dispatch(model, logical, expert_dispatch)
     if perft is not None and perft.variant != "none":
         attach_perft(model, perft, seed=seed)

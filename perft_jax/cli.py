@@ -1,7 +1,8 @@
 """Entry point of `train.py`: parse `--config FILE key=value ...`, dispatch to training or evaluation.
 
 Bad input (a config key, a file, a data row) ends with one line `error: ...` and exit code 2; a diverged
-run (NaN / inf loss) with exit code 1 and the last good checkpoint intact.
+run (NaN / inf loss) with exit code 1 and the last good checkpoint intact. In multi-host runs only process 0
+prints the config, reports and results; errors are printed by every process that hits them.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
             return demo.run_demo(args.overrides)
         from perft_jax.config import load_config
+        from perft_jax.distributed import initialize, is_main_process
 
         cfg = load_config(args.config, args.overrides)
-        print(cfg.to_json())
+        initialize(cfg.mesh.distributed)  # before anything touches a device; then only process 0 prints
+        if is_main_process():
+            print(cfg.to_json())
         if cfg.mode == "eval":
             from perft_jax.eval.pipeline import run_evaluation
 

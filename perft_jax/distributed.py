@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from perft_jax.errors import UserError
 
@@ -104,6 +105,28 @@ def global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Shardin
         local = value[(slice(None),) * batch_dim + (rows,)]
         out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
     return out
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process; every process gets the same answer (a collective: all processes
+    must call it at the same point of the program). With one process, `flag` itself.
+
+    The training loop asks this once per step about its local preemption signal, so a SIGTERM that reaches one
+    host makes every host save the same step and stop. (`multihost_utils.reached_preemption_sync_point` relies
+    on the coordination service's own SIGTERM notifier, which the loop's Python SIGTERM/SIGINT handler would
+    replace, and it never sees SIGINT.)
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.any(flags))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as a host array on every process (gathered across processes when it spans several)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def is_main_process() -> bool:

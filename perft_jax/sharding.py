@@ -7,8 +7,11 @@ a table of rules (MaxText's `logical_axis_rules`) maps each logical name to zero
                 expert (expert parallelism; also shards the batch), tensor (sharded matmul widths)
 
 `LogicalSharding(mesh, rules)` turns logical names into `PartitionSpec`s / `NamedSharding`s, places whole
-model states (`state_shardings`) and constrains activations (`shard`). Adapters (`AdapterParam`) are tiny and
-stay replicated whatever their logical names say (perft/attach.py `place_like_base`).
+model states (`state_shardings`) and constrains activations (`shard`). Adapters (`AdapterParam`) and their
+optimizer state are tiny and stay replicated whatever their logical names say, unless `mesh.shard_adapters`
+is set: then they follow the rules like the base (e.g. `adapters: expert` splits the adapter experts over
+`expert`). `shard_model` records the `LogicalSharding` on the model (`model_sharding`), so adapters attached
+later (perft/attach.py `place_like_base`), the optimizer state and the train step place them the same way.
 """
 from __future__ import annotations
 
@@ -60,7 +63,11 @@ class MeshConfig:
         data, fsdp, expert, tensor: mesh axis sizes; their product must equal the device count, and at
             most one may be -1 ("the rest").
         expert_dispatch: "ring": experts run under `jax.shard_map` (moe/ep.py) with tokens all-gathered over
-            `expert` and outputs reduce-scattered back; "gspmd": the model's own backend, partitioned by XLA.
+            `expert` and outputs reduce-scattered back; "ragged_a2a": under `jax.shard_map`, each (token,
+            choice) pair is sent to the device holding its expert with `jax.lax.ragged_all_to_all` and back
+            (GPU/TPU only: XLA:CPU lacks the op); "gspmd": the model's own backend, partitioned by XLA.
+        shard_adapters: false: adapters and their optimizer state replicated; true: placed by the rules of their
+            logical axes (`adapters`, `adapter_rank`, `embed`, ...), like the base weights.
         logical_axis_rules: entries replace the default table's (`DEFAULT_RULES`) of the same logical name.
         distributed: `jax.distributed.initialize` settings (perft_jax/distributed.py).
     """
@@ -69,7 +76,8 @@ class MeshConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
-    expert_dispatch: Literal["ring", "gspmd"] = "ring"
+    expert_dispatch: Literal["ring", "ragged_a2a", "gspmd"] = "ring"
+    shard_adapters: bool = False
     logical_axis_rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     distributed: DistributedConfig = DistributedConfig()
 
@@ -152,13 +160,16 @@ class LogicalSharding:
     """A mesh and its rules: logical axis names -> `PartitionSpec` / `NamedSharding`.
 
     Hashable (the rules are stored as a sorted tuple), so it can sit in a module's static attributes.
+    `shard_adapters`: whether adapters (and their optimizer state) follow the rules or stay replicated.
     """
 
     mesh: jax.sharding.Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...]
+    shard_adapters: bool = False
 
     @classmethod
-    def create(cls, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> LogicalSharding:
+    def create(cls, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None,
+               shard_adapters: bool = False) -> LogicalSharding:
         """`rules` default to `DEFAULT_RULES`; a rule naming an axis the mesh lacks is a one-line error."""
         table = normalize_rules(DEFAULT_RULES if rules is None else rules)
         for name, axes in table.items():
@@ -166,7 +177,7 @@ class LogicalSharding:
                 if axis not in mesh.axis_names:
                     raise UserError(f"logical_axis_rules.{name}: unknown mesh axis {axis!r} "
                                     f"(mesh axes: {', '.join(mesh.axis_names)})")
-        return cls(mesh, tuple(sorted(table.items())))
+        return cls(mesh, tuple(sorted(table.items())), bool(shard_adapters))
 
     def mesh_axes(self, name: str | None) -> tuple[str, ...]:
         """Mesh axes of one logical name; names without a rule (and None) are replicated."""
@@ -221,11 +232,22 @@ class LogicalSharding:
         return self.named_sharding(names, shape, what="data.batch_size")
 
     def variable_sharding(self, path: tuple, var: nnx.Variable) -> NamedSharding:
-        """Where one model variable lives: by its `axes` metadata; adapters and untagged variables replicated."""
+        """Where one model variable lives: by its `axes` metadata; untagged variables replicated, adapters
+        as `trainable_sharding` says."""
         from perft_jax.perft.adapters import AdapterParam  # perft imports models; avoid a cycle at import
 
+        if isinstance(var, AdapterParam):
+            return self.trainable_sharding(path, var)
+        return self._by_axes(path, var)
+
+    def trainable_sharding(self, path: tuple, var: nnx.Variable) -> NamedSharding:
+        """Where an adapter, or an optimizer-state variable (it carries its adapter's `axes`), lives:
+        replicated, or by its logical axes when `shard_adapters` is set. Scalars (step counts) replicated."""
+        return self._by_axes(path, var) if self.shard_adapters else self.replicated
+
+    def _by_axes(self, path: tuple, var: nnx.Variable) -> NamedSharding:
         axes = var.get_metadata().get("axes")
-        if axes is None or isinstance(var, AdapterParam) or not hasattr(var, "shape"):
+        if axes is None or not hasattr(var, "shape"):
             return self.replicated
         where = ".".join(str(p) for p in path)
         if len(axes) != len(var.shape):
@@ -237,6 +259,11 @@ class LogicalSharding:
         flat = [(path, var.replace(self.variable_sharding(path, var))) for path, var in nnx.to_flat_state(state)]
         return nnx.from_flat_state(flat)
 
+    def trainable_shardings(self, state: nnx.State) -> nnx.State:
+        """Like `state_shardings`, for adapter or optimizer state: every variable by `trainable_sharding`."""
+        flat = [(path, var.replace(self.trainable_sharding(path, var))) for path, var in nnx.to_flat_state(state)]
+        return nnx.from_flat_state(flat)
+
 
 def run_sharding(cfg: MeshConfig) -> LogicalSharding | None:
     """The mesh of a run over all devices (all processes), or None when there is a single device: then
@@ -244,14 +271,27 @@ def run_sharding(cfg: MeshConfig) -> LogicalSharding | None:
     mesh = build_mesh(cfg)
     if mesh.size == 1:
         return None
-    return LogicalSharding.create(mesh, cfg.rules())
+    return LogicalSharding.create(mesh, cfg.rules(), cfg.shard_adapters)
 
 
 def shard_model(model: nnx.Module, sharding: LogicalSharding) -> nnx.Module:
-    """Move every variable of `model` onto its rule-given sharding, in place (also returned)."""
+    """Move every variable of `model` onto its rule-given sharding, in place (also returned), and record
+    `sharding` on the model (`model_sharding`)."""
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, sharding.state_shardings(state)))  # device to device, no host copy
+    remember_sharding(model, sharding)
     return model
+
+
+def remember_sharding(model: nnx.Module, sharding: LogicalSharding) -> None:
+    """Record where `model` lives, so that adapters attached later, the optimizer state, the train step and
+    generation place their arrays the same way. A static attribute: part of the graph definition."""
+    model.logical_sharding = sharding
+
+
+def model_sharding(model: nnx.Module) -> LogicalSharding | None:
+    """The `LogicalSharding` a model was placed with (`shard_model`, `load_model(mesh=...)`), or None."""
+    return getattr(model, "logical_sharding", None)
 
 
 def shard_shapes(x: jax.Array) -> list[tuple[int, ...]]:

@@ -16,6 +16,11 @@ One prefill writes the prompts into the cache, then a `jax.lax.while_loop` decod
 call compiles once per (batch, padded length, settings). Prompts are left-padded to a multiple of
 `pad_to_multiple_of` and the batch to `pad_batch_to` rows to reuse compilations; neither changes the result,
 because positions come from the attention mask and every row is decoded independently of the others.
+
+On a device mesh (a model placed by `shard_model` / `load_model(mesh=...)`), the rows are split over the batch
+axes (`activation_batch`; the batch is padded to a multiple of their size with copies of the last prompt), the
+parameters stay where they were placed, and XLA partitions the cache like the rows. Every process passes the
+same prompts and gets all results back.
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from perft_jax.distributed import global_batch, to_host
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import KVCache, MoeForCausalLM, init_cache
+from perft_jax.sharding import LogicalSharding, model_sharding
 
 # HF's "impossible" score: added to mask candidates out (not -inf, so sums stay finite and ties stay ties).
 _NEG = -1.0e9
@@ -84,10 +91,20 @@ def generate(model: MoeForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new
             raise PromptTooLongError(row, f"generate: prompt row {row} has {len(ids)} tokens; with "
                                           f"max_new_tokens={max_new_tokens} it exceeds the cache budget of "
                                           f"{budget} tokens")
-    ids, mask = _left_pad(prompt_ids, pad_id, pad_to_multiple_of, pad_batch_to)
+    logical = model_sharding(model)
+    rows = max(len(prompt_ids), pad_batch_to or 0)
+    if logical is not None:  # whole rows per device: a multiple of the batch shards
+        shards = _batch_shards(logical)
+        rows = -(-rows // shards) * shards
+    ids, mask = _left_pad(prompt_ids, pad_id, pad_to_multiple_of, rows)
+    if logical is None:
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    else:
+        placed = global_batch({"ids": ids, "mask": mask}, logical.batch_sharding(ids.shape))
+        ids, mask = placed["ids"], placed["mask"]
     # Dropout off in a view: the caller's module keeps its own mode.
     graphdef, state = nnx.split(nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False))
-    args = (graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(eos_id), jnp.int32(pad_id))
+    args = (graphdef, state, ids, mask, jnp.int32(eos_id), jnp.int32(pad_id))
     if num_beams == 1:
         tokens, lengths = _greedy(*args, max_new_tokens=max_new_tokens)
     else:
@@ -95,8 +112,13 @@ def generate(model: MoeForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new
         tokens, lengths = _beam_search(*args, jnp.bool_(early_stopping is True), jnp.bool_(early_stopping == "never"),
                                        jnp.float32(length_penalty), max_new_tokens=max_new_tokens,
                                        num_beams=num_beams)
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    tokens, lengths = to_host(tokens), to_host(lengths)
     return [tokens[i, :lengths[i]].tolist() for i in range(len(prompt_ids))]
+
+
+def _batch_shards(logical: LogicalSharding) -> int:
+    """How many ways the batch axes split the rows (size-1 mesh axes count once)."""
+    return int(np.prod([logical.mesh.shape[a] for a in logical.mesh_axes("activation_batch")]))
 
 
 def _left_pad(prompt_ids, pad_id: int, multiple: int, batch_to: int | None) -> tuple[np.ndarray, np.ndarray]:

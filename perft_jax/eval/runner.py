@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from perft_jax.data.prompts import eval_prompt
 from perft_jax.data.tokenize import Tokenizer
+from perft_jax.distributed import is_main_process
 from perft_jax.errors import UserError
 from perft_jax.eval.generate import PromptTooLongError, generate
 from perft_jax.eval.scoring import COMMONSENSE, extract_response, get_benchmark, macro_average, score
@@ -87,7 +88,8 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, benchmarks: Sequence[str],
         prompts = [eval_prompt(r["instruction"], bench.family, r.get("input", "")) for r in rows]
         prompt_ids = tokenizer.encode_batch(prompts)
         gen_ids = _generate_all(model, prompt_ids, bench.name, batch_size, new_tokens[bench.name],
-                                tokenizer.eos_id, pad_id, num_beams, pad_to_multiple_of, show_progress)
+                                tokenizer.eos_id, pad_id, num_beams, pad_to_multiple_of,
+                                show_progress and is_main_process())
         # README §3: decode prompt + generation (commonsense skips special tokens, math keeps them).
         skip = bench.family == COMMONSENSE
         responses = [extract_response(tokenizer.decode(p + g, skip_special_tokens=skip))
@@ -102,7 +104,8 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, benchmarks: Sequence[str],
     summary = {"accuracy": accuracy, "macro_average": macro_average(accuracy), "n": counts,
                "settings": {"num_beams": num_beams, "max_new_tokens": new_tokens, "batch_size": batch_size,
                             "max_examples": max_examples}}
-    _write_json(pathlib.Path(out_path), {**summary, "generations": generations})
+    if is_main_process():  # multi-host: every process generated the same results; one writes them
+        _write_json(pathlib.Path(out_path), {**summary, "generations": generations})
     return summary
 
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perft_jax.models.config import ModelConfig
-from perft_jax.moe import grouped
 from perft_jax.models.layers import normal_init
+from perft_jax.moe import grouped
 
 
 def _swiglu(h: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.perft.adapters import AdapterParam, LoRA
 from perft_jax.perft.branches import EmbeddedAdapters, RoutedAdapters, SharedAdapters
 from perft_jax.perft.config import PerftConfig
+from perft_jax.sharding import model_sharding
 
 
 def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
@@ -51,13 +52,19 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
 
 
 def place_like_base(model: MoeForCausalLM, state) -> None:
-    """Put `state` where the base lives — replicated over the base's mesh if it has one — and commit it.
+    """Put `state` (adapters) where the base says and commit it: by the model's `LogicalSharding` when it has
+    one (replicated, or by the adapters' logical axes with `mesh.shard_adapters`), else replicated over the
+    base's mesh, or on the base's device.
 
     Freshly created arrays are uncommitted while restored ones are committed; a jitted step sees the two
     as different inputs and would compile twice (once more when the first update commits them).
     """
     base = model.embed.embedding[...]
     if isinstance(base, jax.core.Tracer):  # under eval_shape / jit: placement is the caller's business
+        return
+    logical = model_sharding(model)
+    if logical is not None:
+        nnx.update(model, jax.device_put(state, logical.trainable_shardings(state)))
         return
     sharding = base.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):

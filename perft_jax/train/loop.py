@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from perft_jax.api import init_model, load_model
@@ -23,11 +24,12 @@ from perft_jax.config import Config, model_config
 from perft_jax.data.batching import BatchIterator, RaggedRows, eval_batches
 from perft_jax.data.dataset import build_training_data
 from perft_jax.data.tokenize import load_tokenizer
-from perft_jax.distributed import global_batch, initialize
+from perft_jax.distributed import any_process, global_batch, initialize
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.moe.ep import configure_expert_dispatch
 from perft_jax.perft.adapter_files import save_adapters
+from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.efficiency import efficiency_report, format_report
 from perft_jax.sharding import LogicalSharding, run_sharding, shard_model
@@ -64,9 +66,24 @@ def build_model(cfg: Config, sharding: LogicalSharding | None = None) -> MoeForC
     if cfg.train.remat:  # the decoder reads this flag at call time; the weights are unaffected
         model.config = model.config.replace(remat=True)
     attach_perft(model, cfg.perft, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.adapter_dtype))
-    if sharding is not None:  # adapters and their dropout RNG state replicated over the mesh
+    if sharding is not None:  # adapters (replicated, or by the rules with mesh.shard_adapters) and dropout RNG state
         shard_model(model, sharding)
     return model
+
+
+def _save_adapters(model: MoeForCausalLM, out_dir: pathlib.Path, sharding: LogicalSharding | None,
+                   is_writer: bool) -> None:
+    """Process 0 writes the adapter files. Adapters split over the mesh (`mesh.shard_adapters`) are first
+    gathered into a replicated copy by every process (a collective), then put back as they were."""
+    if sharding is None or not sharding.shard_adapters:
+        if is_writer:
+            save_adapters(model, out_dir, overwrite=True)
+        return
+    state = nnx.state(model, AdapterParam)
+    nnx.update(model, jax.jit(lambda s: s, out_shardings=sharding.replicated)(state))
+    if is_writer:
+        save_adapters(model, out_dir, overwrite=True)
+    nnx.update(model, state)
 
 
 def _to_device(batch: dict[str, np.ndarray], sharding: LogicalSharding | None) -> dict[str, jax.Array]:
@@ -194,12 +211,12 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
                     writer.write(step, {"lm": val_loss}, split="val")
                     if cfg.train.keep_best and (best["val_loss"] is None or val_loss < best["val_loss"]):
                         best = {"val_loss": val_loss, "step": step}
-                        if is_writer:
-                            save_adapters(model, run_dir / "best_adapters", overwrite=True)
+                        _save_adapters(model, run_dir / "best_adapters", sharding, is_writer)
             bar.update(1)
-            checkpointer.save(step, model, optimizer, iterator.state(), metadata(),
-                              force=step == total_steps or guard.should_stop())
-            if guard.should_stop():
+            # Multi-host: a signal that reached any process stops all of them after this same step.
+            stop = any_process(guard.should_stop())
+            checkpointer.save(step, model, optimizer, iterator.state(), metadata(), force=step == total_steps or stop)
+            if stop:
                 checkpointer.wait_until_finished()
                 if is_writer:
                     print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
@@ -209,8 +226,7 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
                 return summary
     bar.close()
     checkpointer.wait_until_finished()
-    if is_writer:
-        save_adapters(model, run_dir / "adapters", overwrite=True)
+    _save_adapters(model, run_dir / "adapters", sharding, is_writer)
     if is_writer and router_stats.count:
         draw_router_heatmaps(router_stats.mean(), run_dir / "router_stats.png")
     writer.close()

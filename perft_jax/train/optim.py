@@ -16,6 +16,7 @@ from flax import nnx
 
 from perft_jax.errors import UserError
 from perft_jax.perft.adapters import AdapterParam
+from perft_jax.sharding import model_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,13 @@ def make_transform(cfg: OptimConfig) -> optax.GradientTransformation:
 def make_optimizer(model: nnx.Module, cfg: OptimConfig) -> nnx.Optimizer:
     """AdamW state for `AdapterParam` leaves only; the base model has neither state nor updates."""
     optimizer = nnx.Optimizer(model, make_transform(cfg), wrt=AdapterParam)
+    # Committed where the adapters live, so the first update does not change the step's inputs: on a mesh by
+    # the model's LogicalSharding (moments split like their adapters under mesh.shard_adapters), else beside them.
+    logical = model_sharding(model)
     adapters = jax.tree.leaves(nnx.state(model, AdapterParam))
-    if adapters:  # committed beside the adapters, so the first update does not change the step's inputs
-        nnx.update(optimizer, jax.device_put(nnx.state(optimizer), adapters[0].sharding))
+    state = nnx.state(optimizer)
+    if logical is not None:
+        nnx.update(optimizer, jax.device_put(state, logical.trainable_shardings(state)))
+    elif adapters:
+        nnx.update(optimizer, jax.device_put(state, adapters[0].sharding))
     return optimizer

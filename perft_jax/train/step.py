@@ -17,15 +17,20 @@ from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.losses import training_losses
+from perft_jax.sharding import model_sharding
 from perft_jax.train.router_stats import router_statistics
 
 Batch = dict[str, jax.Array]  # input_ids, labels, attention_mask: [B, T] int32
 
 
-def _pin_replicated(tree):
-    """Under a mesh (`jax.set_mesh`), keep adapters and optimizer state replicated, as they were placed
-    (perft/attach.py): otherwise XLA may return them sharded, which changes the next step's input shardings
-    and compiles the step again."""
+def _pin_placement(model: MoeForCausalLM, tree):
+    """Keep adapters and optimizer state where they were placed (perft/attach.py, train/optim.py): by the
+    model's `LogicalSharding` (replicated, or split by their logical axes with `mesh.shard_adapters`), or
+    replicated under a bare mesh (`jax.set_mesh`). Otherwise XLA may return them placed differently, which
+    changes the next step's input shardings and compiles the step again."""
+    logical = model_sharding(model)
+    if logical is not None:
+        return jax.lax.with_sharding_constraint(tree, logical.trainable_shardings(tree))
     if jax.sharding.get_abstract_mesh().empty:
         return tree
     return jax.lax.with_sharding_constraint(tree, jax.P())
@@ -62,8 +67,8 @@ def train_step(model: MoeForCausalLM, optimizer: nnx.Optimizer, batch: Batch, mo
         grads = jax.tree.map(lambda g: g / micro, grads)
         losses = {k: v if k in ("num_tokens", "router") else v / micro for k, v in losses.items()}
     optimizer.update(model, grads)
-    nnx.update(model, _pin_replicated(nnx.state(model, AdapterParam)))
-    nnx.update(optimizer, _pin_replicated(nnx.state(optimizer)))
+    nnx.update(model, _pin_placement(model, nnx.state(model, AdapterParam)))
+    nnx.update(optimizer, _pin_placement(model, nnx.state(optimizer)))
     return {**losses, "grad_norm": optax.tree.norm(grads)}
 
 

@@ -1,11 +1,11 @@
 """Run by test_mesh_parity.py in a fresh interpreter with 8 simulated CPU devices.
 
-    python mesh_worker.py CKPT_DIR OUT_JSON
+    python mesh_worker.py CKPT_DIR OUT_JSON [meshes|cases]
 
-For every mesh it restores the converted base straight onto the mesh (`load_model(mesh=...)`), attaches
-PERFT-R adapters, and records against the single-device result: forward logits, two training steps (loss,
-gradient norm, updated adapters), where the weights live, each device's expert-shard shape, and whether the
-second step compiled again.
+For every case (a mesh, an expert dispatch, a PERFT variant, replicated or sharded adapters) it restores the
+converted base straight onto the mesh (`load_model(mesh=...)`), attaches adapters, and records against the
+single-device result: forward logits, two training steps (loss, gradient norm, updated adapters), where the
+weights live, each device's expert- and adapter-shard shapes, and whether the second step compiled again.
 The assertions are in the test; this script only measures.
 """
 from __future__ import annotations
@@ -22,22 +22,46 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
 from perft_jax import load_model  # noqa: E402
+from perft_jax.errors import UserError  # noqa: E402
+from perft_jax.moe.ep import (  # noqa: E402
+    RaggedAllToAll,
+    emulated_ragged_all_to_all,
+    enable_expert_parallelism,
+    ragged_all_to_all,
+)
 from perft_jax.perft.adapters import AdapterParam  # noqa: E402
+from perft_jax.perft.attach import place_like_base  # noqa: E402
 from perft_jax.perft.config import PerftConfig  # noqa: E402
-from perft_jax.sharding import MeshConfig, build_mesh, shard_shapes  # noqa: E402
+from perft_jax.sharding import DEFAULT_RULES, LogicalSharding, MeshConfig, build_mesh, shard_shapes  # noqa: E402
 from perft_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
 from perft_jax.train.step import train_step  # noqa: E402
 
 # Mesh -> the MoE backend the ring runs on each device's experts. Every result is compared with the dense
 # single-device reference: at capacity factor 4 nothing is dropped, and then all backends compute the same.
 MESHES = {(8, 1, 1, 1): "dense", (2, 1, 4, 1): "ragged", (1, 2, 4, 1): "capacity", (2, 2, 2, 1): "dense"}
-PERFT = PerftConfig(variant="perft_r", num_adapters=4, top_k=2)
+# More cases, by name: (mesh, backend, dispatch, PERFT variant, adapters sharded by the rules below).
+#   tensor > 1: attention heads, vocabulary and expert widths split over `tensor`;
+#   a2a: the ragged all-to-all dispatch with its exchange emulated by all_to_all (XLA:CPU lacks the op);
+#   sharded adapters: `mesh.shard_adapters` with `adapters: expert` (PERFT-R's 4 / PERFT-E's 8 adapter experts).
+CASES = {
+    "tensor 1,1,2,4": ((1, 1, 2, 4), "grouped", "ring", "perft_r", False),
+    "tensor 1,2,1,4": ((1, 2, 1, 4), "capacity", "ring", "perft_r", False),
+    "a2a 2,1,4,1": ((2, 1, 4, 1), "ragged", "a2a", "perft_r", False),
+    "a2a 1,2,2,2": ((1, 2, 2, 2), "capacity", "a2a", "perft_r", False),
+    "sharded adapters perft_r 2,1,4,1": ((2, 1, 4, 1), "dense", "ring", "perft_r", True),
+    "sharded adapters perft_e 2,2,2,1": ((2, 2, 2, 1), "dense", "ring", "perft_e", True),
+}
+ADAPTER_RULES = {**DEFAULT_RULES, "adapters": "expert"}
+PERFTS = {"perft_r": PerftConfig(variant="perft_r", num_adapters=4, top_k=2),
+          "perft_e": PerftConfig(variant="perft_e")}
+PERFT = PERFTS["perft_r"]
 OPTIM = OptimConfig(learning_rate=1e-2, warmup_steps=0)
 STEPS = 2
 COMPILES = [0]
@@ -66,10 +90,22 @@ def forward(model, ids, mask):
     return out.logits, out.dropped_tokens
 
 
-def run(ckpt, mesh=None, backend="dense", dispatch="ring"):
+def _flat_adapters(model) -> dict:
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, AdapterParam))}
+
+
+def run(ckpt, mesh=None, backend="dense", dispatch="ring", perft=PERFT, shard_adapters=False):
     """Forward + STEPS train steps; returns host copies of everything compared, plus placement facts."""
+    rules = ADAPTER_RULES if shard_adapters else None
     model = load_model(ckpt, moe_backend=backend, capacity_factor=4.0 if backend == "capacity" else None,
-                       mesh=mesh, expert_dispatch=dispatch, perft=PERFT, seed=1)
+                       mesh=mesh, expert_dispatch="gspmd" if dispatch == "a2a" else dispatch, rules=rules,
+                       shard_adapters=shard_adapters, perft=perft, seed=1)
+    if dispatch == "a2a":
+        enable_expert_parallelism(model, LogicalSharding.create(mesh), "ragged_a2a", emulate=True)
+    # Adapters of a visible size (the second matrices start near zero), so that they matter in every result.
+    scale = jax.jit(lambda t: jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(7), a.shape), t))
+    nnx.update(model, scale(nnx.state(model, AdapterParam)))
+    place_like_base(model, nnx.state(model, AdapterParam))  # back where attaching placed them
     if mesh is None:  # commit every array, so the reference compiles its step once too
         nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
         place = jax.numpy.asarray
@@ -81,24 +117,29 @@ def run(ckpt, mesh=None, backend="dense", dispatch="ring"):
     # One row of 7 tokens, replicated: 7 does not split over the token shards, so the ring pads.
     odd_logits = np.asarray(forward(model, batch["input_ids"][:1, :7], batch["attention_mask"][:1, :7])[0])
     optimizer = make_optimizer(model, OPTIM)
+    adapter_shardings = {k: v.sharding for k, v in _flat_adapters(model).items()}
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        metrics = [train_step(model, optimizer, batch, model.config, PERFT)]
+        metrics = [train_step(model, optimizer, batch, model.config, perft)]
         compiles_before = COMPILES[0]
-        metrics += [train_step(model, optimizer, batch, model.config, PERFT) for _ in range(STEPS - 1)]
+        metrics += [train_step(model, optimizer, batch, model.config, perft) for _ in range(STEPS - 1)]
         later_step_compiles = COMPILES[0] - compiles_before
+    adapters = _flat_adapters(model)
+    moments = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(optimizer)) if "mu" in p]
     experts = model.layers[0].moe.experts
     return {
         "logits": np.asarray(logits), "dropped": int(np.sum(dropped)), "odd_logits": odd_logits,
         "loss": [float(m["total"]) for m in metrics], "grad_norm": [float(m["grad_norm"]) for m in metrics],
         "later_step_compiles": later_step_compiles,
-        "adapters": {".".join(map(str, p)): np.asarray(v.get_value())
-                     for p, v in nnx.to_flat_state(nnx.state(model, AdapterParam))},
+        "adapters": {k: np.asarray(v) for k, v in adapters.items()},
         "gate_up_shards": sorted(set(shard_shapes(experts.gate_up[...]))),
         "down_shards": sorted(set(shard_shapes(experts.down[...]))),
         "gate_up_spec": str(experts.gate_up[...].sharding.spec if mesh is not None else None),
         "q_proj_spec": str(model.layers[0].attn.q_proj.kernel[...].sharding.spec if mesh is not None else None),
-        "adapter_specs": sorted({str(v.get_value().sharding.spec) for _, v in
-                                 nnx.to_flat_state(nnx.state(model, AdapterParam))} if mesh is not None else []),
+        "adapter_specs": sorted({str(v.sharding.spec) for v in adapters.values()} if mesh is not None else []),
+        "adapter_shards": {k: sorted(set(shard_shapes(v))) for k, v in adapters.items() if k.startswith("layers.0.")},
+        "adapters_kept_placement": all(adapters[k].sharding == s for k, s in adapter_shardings.items()),
+        "moment_specs": sorted({str(m.sharding.spec) for m in moments} if mesh is not None else []),
+        "moment_shards": sorted({tuple(map(tuple, sorted(set(shard_shapes(m))))) for m in moments}),
         "logits_spec": str(logits.sharding.spec if mesh is not None else None),
         "parallel": type(experts.parallel).__name__,
         "backend": model.config.moe_backend,
@@ -121,24 +162,70 @@ def compare(result, ref) -> dict:
         "odd_logits": rel(result["odd_logits"], ref["odd_logits"]),
         "backend": result["backend"],
         "later_step_compiles": result["later_step_compiles"],
-        **{k: result[k] for k in ("gate_up_shards", "down_shards", "gate_up_spec", "q_proj_spec",
-                                   "adapter_specs", "logits_spec", "parallel")},
+        **{k: result[k] for k in ("gate_up_shards", "down_shards", "gate_up_spec", "q_proj_spec", "adapter_specs",
+                                   "adapter_shards", "adapters_kept_placement", "moment_specs", "moment_shards",
+                                   "logits_spec", "parallel")},
     }
 
 
-def main(ckpt: str, out: str) -> None:
+def a2a_checks() -> dict:
+    """The ragged all-to-all exchange: the emulation against the op's documented example (jax.lax.ragged_all_to_all
+    docstring, axis of size 2), the one-line refusal on CPU, and the real op lowered for GPU and TPU (forward and
+    gradient of one MoE layer; compiling and running it needs those devices)."""
+    mesh2 = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    operand = jnp.array([1, 2, 2, 3, 4, 0], jnp.float32)[:, None]  # [1, 2, 2] on device 0, [3, 4, 0] on device 1
+    offsets_sizes = [jnp.array(a, jnp.int32) for a in ([0, 1, 0, 1], [1, 2, 1, 1], [0, 0, 1, 2], [1, 1, 2, 1])]
+
+    def exchange(op, *args):
+        return emulated_ragged_all_to_all(op, jnp.zeros((4, 1)), *args, axis_name="x")
+
+    example = jax.jit(jax.shard_map(exchange, mesh=mesh2, in_specs=(jax.P("x"),) * 5, out_specs=jax.P("x")))(
+        operand, *offsets_sizes)
+    mesh = build_mesh(MeshConfig(2, 1, 4, 1))
+    try:
+        ragged_all_to_all(LogicalSharding.create(mesh), 8)
+        refused = ""
+    except UserError as e:
+        refused = str(e)
+    real = RaggedAllToAll(mesh, ("data", "expert"))
+    keys = jax.random.split(jax.random.key(0), 4)
+    x, logits = jax.random.normal(keys[0], (16, 32)), jax.random.normal(keys[1], (16, 8))
+    weights, indices = jax.lax.top_k(jax.nn.softmax(logits), 2)
+    gate_up, down = jax.random.normal(keys[2], (8, 32, 32)), jax.random.normal(keys[3], (8, 16, 32))
+    loss = lambda x: jnp.sum(real(x, weights, indices.astype(jnp.int32), gate_up, down, "ragged", 1.0)[0] ** 2)  # noqa: E731
+    lowered = {}
+    for platform in ("cuda", "tpu"):
+        exported = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[platform], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(x)
+        lowered[platform] = exported.mlir_module().count("@ragged_all_to_all(")
+    return {"example": np.asarray(example).ravel().tolist(), "cpu_error": refused, "lowered": lowered}
+
+
+def main(ckpt: str, out: str, group: str = "meshes") -> None:
+    """`group` "meshes": the issue's four meshes, gspmd and the ragged all-to-all checks; "cases": `CASES`."""
     assert jax.device_count() == 8, jax.devices()
     ref = run(ckpt)
-    report = {"reference": {"loss": ref["loss"], "grad_norm": ref["grad_norm"]}, "meshes": {}}
+    report = {"reference": {"loss": ref["loss"], "grad_norm": ref["grad_norm"]}, "meshes": {}, "cases": {}}
     timings = {}
-    for shape, backend in MESHES.items():
+    if group == "meshes":
+        for shape, backend in MESHES.items():
+            start = time.perf_counter()
+            mesh = build_mesh(MeshConfig(*shape))
+            report["meshes"][",".join(map(str, shape))] = compare(run(ckpt, mesh, backend), ref)
+            timings[str(shape)] = time.perf_counter() - start
         start = time.perf_counter()
-        mesh = build_mesh(MeshConfig(*shape))
-        report["meshes"][",".join(map(str, shape))] = compare(run(ckpt, mesh, backend), ref)
-        timings[str(shape)] = time.perf_counter() - start
-    start = time.perf_counter()
-    report["gspmd"] = compare(run(ckpt, build_mesh(MeshConfig(2, 2, 2, 1)), dispatch="gspmd"), ref)
-    timings["gspmd"] = time.perf_counter() - start
+        report["gspmd"] = compare(run(ckpt, build_mesh(MeshConfig(2, 2, 2, 1)), dispatch="gspmd"), ref)
+        timings["gspmd"] = time.perf_counter() - start
+        report["a2a_checks"] = a2a_checks()
+    else:
+        refs = {"perft_r": ref}
+        for name, (shape, backend, dispatch, variant, shard_adapters) in CASES.items():
+            start = time.perf_counter()
+            if variant not in refs:
+                refs[variant] = run(ckpt, perft=PERFTS[variant])
+            got = run(ckpt, build_mesh(MeshConfig(*shape)), backend, dispatch, PERFTS[variant], shard_adapters)
+            report["cases"][name] = compare(got, refs[variant])
+            timings[name] = time.perf_counter() - start
     report["timings"] = timings
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

@@ -17,6 +17,7 @@ from perft_jax.distributed import DistributedConfig, global_batch, initialize, p
 from perft_jax.models.config import ModelConfig
 from perft_jax.moe.ep import configure_expert_dispatch
 from perft_jax.moe.experts import capacity_dispatch, dense_dispatch, ragged_dispatch
+from perft_jax.perft.adapters import AdapterParam
 from perft_jax.sharding import (
     DEFAULT_RULES,
     LogicalSharding,
@@ -59,7 +60,8 @@ def test_config_section_defaults_and_rule_overrides():
      "mesh.logical_axis_rules.exp: unknown mesh axis 'experts' (known: data, fsdp, expert, tensor)"),
     ({"logical_axis_rules": {"exp": 3}}, "mesh.logical_axis_rules.exp: expected a mesh axis, a list of mesh axes"),
     ({"logical_axis_rules": {"embed": ["fsdp", "fsdp"]}}, "mesh.logical_axis_rules.embed: mesh axis listed twice"),
-    ({"expert_dispatch": "a2a"}, "mesh.expert_dispatch: expected one of 'ring', 'gspmd'"),
+    ({"expert_dispatch": "a2a"}, "mesh.expert_dispatch: expected one of 'ring', 'ragged_a2a', 'gspmd'"),
+    ({"shard_adapters": "yes"}, "mesh.shard_adapters: expected true or false"),
     ({"distributed": {"coordinator_address": "10.0.0.1:1234"}}, "mesh.distributed.num_processes: expected"),
     ({"distributed": {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 2}},
      "mesh.distributed.process_id: expected an integer in [0, 2), got 2"),
@@ -94,6 +96,21 @@ def test_logical_names_map_to_partition_specs():
     assert sharding.spec((None, "activation_batch", None)) == PartitionSpec(None, ("data", "fsdp", "expert"))
     assert sharding.spec(("adapters", "embed", "adapter_rank")) == PartitionSpec(None, "fsdp")
     assert sharding.spec(("no_rule", "exp_router")) == PartitionSpec()  # unknown names are replicated
+
+
+def test_adapters_replicated_unless_shard_adapters():
+    mesh = AbstractMesh((2, 1, 4, 1), AXES)
+    rules = {**DEFAULT_RULES, "adapters": "expert"}
+    first = AdapterParam(jnp.zeros((4, 32, 8)), axes=("adapters", "embed", "adapter_rank"))
+    moment = nnx.OptVariable(jnp.zeros((4, 32, 8)), axes=("adapters", "embed", "adapter_rank"))
+    count = nnx.OptArray(jnp.zeros((), jnp.int32))
+    for shard, want in ((False, PartitionSpec()), (True, PartitionSpec("expert"))):
+        sharding = LogicalSharding.create(mesh, rules, shard_adapters=shard)
+        assert sharding.variable_sharding(("w1",), first).spec == want
+        assert sharding.trainable_sharding(("mu", "w1"), moment).spec == want
+        assert sharding.trainable_sharding(("count",), count).spec == PartitionSpec()  # scalars stay replicated
+    cfg = _config(shard_adapters=True, logical_axis_rules={"adapters": "expert"})
+    assert cfg.mesh.shard_adapters and cfg.mesh.rules()["adapters"] == ("expert",)
 
 
 def test_shard_places_constrains_and_reshards():
@@ -183,6 +200,9 @@ def test_ring_dispatch_on_a_one_device_mesh_matches():
     assert type(model.layers[0].moe.experts.parallel).__name__ == "RingOfExperts"
     np.testing.assert_allclose(forward(model, ids), want, rtol=1e-5, atol=1e-6)
     _one_line_error(lambda: configure_expert_dispatch(model, sharding, "a2a"), "mesh.expert_dispatch")
+    # ragged_a2a with the experts on one device: nothing travels, so it is the (local) ring.
+    model = configure_expert_dispatch(model, sharding, "ragged_a2a")
+    assert type(model.layers[0].moe.experts.parallel).__name__ == "RingOfExperts"
 
 
 class _FakeSharding:

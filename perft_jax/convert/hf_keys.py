@@ -12,14 +12,27 @@ Export always writes the per-expert layout, which every transformers version loa
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import functools
+from typing import Callable, Protocol, Sequence
 
+import jax
 import numpy as np
 
 from perft_jax.models.architecture import Architecture
 from perft_jax.models.config import ModelConfig
 
 Path = tuple  # a path in the model's pure-dict state, e.g. ("layers", 0, "attn", "q_proj", "kernel")
+
+
+class HFTensors(Protocol):
+    """The HF tensors of one TensorMap (in `hf_keys` order), read lazily: indexing reads one whole tensor,
+    `rows(i, start, stop)` only rows [start, stop) of tensor i's first axis."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+    def rows(self, index: int, start: int, stop: int) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +42,25 @@ class TensorMap:
     to_jax: Callable[[Sequence[np.ndarray]], np.ndarray]  # HF tensors (in hf_keys order) -> our array
     to_hf: Callable[[np.ndarray], Sequence[np.ndarray]]  # our array -> HF tensors (hf_keys order)
     shape: tuple[int, ...]  # our array's shape
+    # Expert stacks only: (HF tensors, start, stop) -> rows [start, stop) of our array, reading only the
+    # experts in that range, so a converter can write a stack block by block (issue 6: peak memory).
+    to_jax_rows: Callable[[HFTensors, int, int], np.ndarray] | None = None
 
 
 def _one(fn):
     return lambda arrays: fn(arrays[0])
+
+
+@functools.cache
+def _jit_transpose():
+    return jax.jit(lambda a: a.T)
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+    """`a.T` of a 2-D array as a new C-contiguous (read-only) array, transposed by XLA on the CPU (also
+    where an accelerator is the default device): numpy's strided copy moves 2-byte dtypes at about a third
+    of XLA's speed (benchmarks/RESULTS.md, converter). A 64-byte aligned `a` is used in place."""
+    return np.asarray(_jit_transpose()(jax.device_put(a, jax.local_devices(backend="cpu")[0])))
 
 
 def _copy(path, key, shape):
@@ -40,7 +68,7 @@ def _copy(path, key, shape):
 
 
 def _transposed(path, key, shape):
-    return TensorMap(path, (key,), _one(lambda a: a.T), lambda a: (a.T,), shape)
+    return TensorMap(path, (key,), _one(transpose), lambda a: (a.T,), shape)
 
 
 def embed_maps(cfg: ModelConfig) -> list[TensorMap]:
@@ -59,42 +87,51 @@ def _expert_maps(cfg: ModelConfig, arch: Architecture, layer: int, fused: bool) 
     base = ("layers", layer, "moe", "experts")
     if fused:
         prefix = f"model.layers.{layer}.mlp.experts"
+
+        def fused_rows(arrays, start, stop):  # rows of [E, out, in] -> rows of [E, in, out]
+            block = arrays.rows(0, start, stop)
+            out = np.empty((stop - start, block.shape[2], block.shape[1]), block.dtype)
+            for x in range(stop - start):
+                out[x] = transpose(block[x])
+            return out
+
         return [
-            TensorMap(base + ("gate_up",), (f"{prefix}.gate_up_proj",),
-                      _one(lambda a: a.transpose(0, 2, 1)), lambda a: (a.transpose(0, 2, 1),), (e, d, 2 * i)),
-            TensorMap(base + ("down",), (f"{prefix}.down_proj",),
-                      _one(lambda a: a.transpose(0, 2, 1)), lambda a: (a.transpose(0, 2, 1),), (e, i, d)),
+            TensorMap(base + ("gate_up",), (f"{prefix}.gate_up_proj",), _one(lambda a: a.transpose(0, 2, 1)),
+                      lambda a: (a.transpose(0, 2, 1),), (e, d, 2 * i), fused_rows),
+            TensorMap(base + ("down",), (f"{prefix}.down_proj",), _one(lambda a: a.transpose(0, 2, 1)),
+                      lambda a: (a.transpose(0, 2, 1),), (e, i, d), fused_rows),
         ]
     gate, up, down = arch.expert_proj_names
     prefix = f"model.layers.{layer}.{arch.moe_prefix}.experts"
     gate_up_keys = tuple(k for x in range(e) for k in (f"{prefix}.{x}.{gate}.weight", f"{prefix}.{x}.{up}.weight"))
 
-    # Experts are copied one at a time into a preallocated stack, so that with a lazy `arrays`
-    # (see convert/hf_to_jax.py) host memory holds the stack plus a single expert matrix.
-    def gate_up_to_jax(arrays):  # [gate_0, up_0, gate_1, up_1, ...], each (I, D) -> (E, D, 2I)
+    # Experts are copied one at a time into a preallocated block, so that with a lazy `arrays`
+    # (see convert/hf_to_jax.py) host memory holds the block plus a single expert matrix.
+    def gate_up_rows(arrays, start, stop):  # [gate_0, up_0, gate_1, up_1, ...], each (I, D) -> (stop-start, D, 2I)
         out = None
-        for x in range(e):
+        for x in range(start, stop):
             gate_x = arrays[2 * x]
-            out = np.empty((e, d, 2 * i), gate_x.dtype) if out is None else out
-            out[x, :, :i] = gate_x.T
-            out[x, :, i:] = arrays[2 * x + 1].T
+            out = np.empty((stop - start, d, 2 * i), gate_x.dtype) if out is None else out
+            out[x - start, :, :i] = transpose(gate_x)
+            out[x - start, :, i:] = transpose(arrays[2 * x + 1])
         return out
 
-    def down_to_jax(arrays):  # e arrays (D, I) -> (E, I, D)
+    def down_rows(arrays, start, stop):  # e arrays (D, I) -> (stop-start, I, D)
         out = None
-        for x in range(e):
+        for x in range(start, stop):
             down_x = arrays[x]
-            out = np.empty((e, i, d), down_x.dtype) if out is None else out
-            out[x] = down_x.T
+            out = np.empty((stop - start, i, d), down_x.dtype) if out is None else out
+            out[x - start] = transpose(down_x)
         return out
 
     def gate_up_to_hf(a):
         return [m for x in range(e) for m in (a[x, :, :i].T, a[x, :, i:].T)]
 
     return [
-        TensorMap(base + ("gate_up",), gate_up_keys, gate_up_to_jax, gate_up_to_hf, (e, d, 2 * i)),
+        TensorMap(base + ("gate_up",), gate_up_keys, lambda arrays: gate_up_rows(arrays, 0, e), gate_up_to_hf,
+                  (e, d, 2 * i), gate_up_rows),
         TensorMap(base + ("down",), tuple(f"{prefix}.{x}.{down}.weight" for x in range(e)),
-                  down_to_jax, lambda a: [m.T for m in a], (e, i, d)),
+                  lambda arrays: down_rows(arrays, 0, e), lambda a: [m.T for m in a], (e, i, d), down_rows),
     ]
 
 

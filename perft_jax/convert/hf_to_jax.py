@@ -1,5 +1,10 @@
 """Hugging Face directory -> perft-jax base checkpoint, streamed one parameter group at a time.
 
+Host memory holds one group's small tensors plus one block of at most `BLOCK_BYTES` of an expert
+stack: stacks are built and written block by block (checkpoint/base.py RowBlocks), and tensors are
+read with pread, not memory-mapped (convert/source.py). Measured on a 3.8 GB OLMoE-shaped checkpoint:
+benchmarks/converter.py, benchmarks/RESULTS.md.
+
 Everything that can be checked is checked before anything is written: the config, every expected
 tensor's presence, shape and dtype, and no unexpected tensors. The checkpoint is then built in a
 temporary sibling directory and renamed into place at the end, so a failed or interrupted conversion
@@ -7,12 +12,13 @@ never leaves a directory that looks like a checkpoint.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pathlib
 import shutil
 from typing import Any, Callable
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +33,7 @@ from perft_jax.models.hf_config import read_hf_config_file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+BLOCK_BYTES = 64 * 1024**2  # expert-stack rows built and written at once (at least one expert)
 
 
 def _source_dtype(raw_config: dict[str, Any]) -> str:
@@ -85,6 +92,12 @@ class _LazyTensors:
         self._on_read()
         return array
 
+    def rows(self, index: int, start: int, stop: int) -> np.ndarray:
+        array = self._source.get_rows(self._keys[index], start, stop).astype(self._dtype, copy=False)
+        if stop == self._source.shape(self._keys[index])[0]:  # the tensor's last rows: count it as read
+            self._on_read()
+        return array
+
 
 def _nest(flat: dict[tuple, Any]) -> dict:
     tree: dict = {}
@@ -97,11 +110,17 @@ def _nest(flat: dict[tuple, Any]) -> dict:
 
 
 def _build_group(source: TensorSource, maps, dtype, progress: tqdm) -> dict:
+    """One group's tree: small tensors read now, expert stacks as RowBlocks read while being written."""
     flat = {}
     for tmap in maps:
-        array = tmap.to_jax(_LazyTensors(source, tmap.hf_keys, dtype, lambda: progress.update(1)))
-        flat[tmap.path[2:] if tmap.path[0] == "layers" else tmap.path] = jnp.asarray(np.ascontiguousarray(array))
-        del array
+        tensors = _LazyTensors(source, tmap.hf_keys, dtype, lambda: progress.update(1))
+        path = tmap.path[2:] if tmap.path[0] == "layers" else tmap.path
+        if tmap.to_jax_rows is not None:
+            row_bytes = math.prod(tmap.shape[1:]) * np.dtype(dtype).itemsize
+            flat[path] = base_ckpt.RowBlocks(tmap.shape, dtype, functools.partial(tmap.to_jax_rows, tensors),
+                                             rows_per_block=BLOCK_BYTES // row_bytes)
+        else:
+            flat[path] = np.ascontiguousarray(tmap.to_jax(tensors))
     return _nest(flat)
 
 
@@ -164,9 +183,8 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
             with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as progress:
                 for group, maps in plan:
                     base_ckpt.save_group(tmp, group, _build_group(source, maps, NUMPY_DTYPES[dtype], progress))
-                    # Drop the memory maps too: pages a mapping has touched count as resident memory
-                    # until it is closed, so a long-lived mapping would grow to the size of the shard.
                     source.close()
+                    base_ckpt.return_freed_memory()
             shutil.copy2(hf_dir / "config.json", tmp / "config.json")
             for name in TOKENIZER_FILES:
                 if (hf_dir / name).is_file():

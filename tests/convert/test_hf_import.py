@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +74,7 @@ def test_bfloat16_storage_and_tokenizer_copy(olmoe, hf_dir, tmp_path):
 
 
 def test_streams_one_group_at_a_time(hf_dir, tmp_path, monkeypatch):
-    """Between two group writes, the converter reads only the tensors of the group being written."""
+    """Until a group is written, the converter reads only the tensors of that group."""
     from perft_jax.convert import source as source_mod
 
     events = []
@@ -81,8 +82,9 @@ def test_streams_one_group_at_a_time(hf_dir, tmp_path, monkeypatch):
     original_save = base_ckpt.save_group
     monkeypatch.setattr(source_mod.SafetensorsSource, "get",
                         lambda self, key: events.append(("read", key)) or original_get(self, key))
+    # Expert stacks are read while their group is being written, so the group ends when save_group returns.
     monkeypatch.setattr(base_ckpt, "save_group",
-                        lambda d, group, tree: events.append(("save", group)) or original_save(d, group, tree))
+                        lambda d, group, tree: original_save(d, group, tree) or events.append(("save", group)))
     convert_hf_to_jax(hf_dir, tmp_path / "ckpt", show_progress=False)
     reads_by_group, pending = {}, []
     for kind, name in events:
@@ -95,6 +97,65 @@ def test_streams_one_group_at_a_time(hf_dir, tmp_path, monkeypatch):
     assert all(k.startswith("model.layers.1.") for k in reads_by_group["layer_001"])
     assert reads_by_group["embed"] == ["model.embed_tokens.weight"]
     assert sum(len(v) for v in reads_by_group.values()) == len(load_file(str(hf_dir / "model.safetensors")))
+
+
+def test_expert_stacks_are_written_block_by_block(hf_dir, tmp_path, monkeypatch):
+    """An expert stack is never whole in memory: each block is built from its own experts' tensors only,
+    blocks of different stacks do not overlap, and a block is freed before the next one is built."""
+    from perft_jax.convert import hf_to_jax
+    from perft_jax.convert import source as source_mod
+
+    monkeypatch.setattr(hf_to_jax, "BLOCK_BYTES", 3 * 64 * 64 * 4)  # 3 gate_up experts (float32), 6 down
+    events, alive = [], []
+    original_get = source_mod.SafetensorsSource.get
+    original_blocks = base_ckpt.RowBlocks.blocks
+
+    def blocks(self):
+        for start, stop, block in original_blocks(self):
+            assert not [ref for ref in alive if ref() is not None], "the previous block is still alive"
+            alive.append(weakref.ref(block))
+            events.append(("block", self.shape, start, stop))
+            yield start, stop, block
+
+    monkeypatch.setattr(source_mod.SafetensorsSource, "get",
+                        lambda self, key: events.append(("read", key)) or original_get(self, key))
+    monkeypatch.setattr(base_ckpt.RowBlocks, "blocks", blocks)
+    convert_hf_to_jax(hf_dir, tmp_path / "ckpt", show_progress=False)
+
+    gate_up, down = (8, 64, 64), (8, 32, 64)
+    blocks_seen = [e[1:] for e in events if e[0] == "block"]
+    assert sorted(blocks_seen) == sorted(2 * [(gate_up, 0, 3), (gate_up, 3, 6), (gate_up, 6, 8),
+                                              (down, 0, 6), (down, 6, 8)])
+    pending = []
+    for event in events:
+        if event[0] == "read":
+            pending.append(event[1])
+            continue
+        _, shape, start, stop = event
+        names = ("gate_proj", "up_proj") if shape == gate_up else ("down_proj",)
+        experts = [k for k in pending if ".mlp.experts." in k]
+        assert sorted(experts) == sorted(f"model.layers.{k.split('.')[2]}.mlp.experts.{x}.{n}.weight"
+                                         for k in experts[:1] for x in range(start, stop) for n in names)
+        pending = []
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_expert_blocks_reassemble_exactly(layout, olmoe, tmp_path, monkeypatch):
+    """Blocks that do not divide the expert count restore to the same arrays as one whole block."""
+    from perft_jax.convert import hf_to_jax
+
+    hf_dir = save_hf_model(olmoe, tmp_path / "hf", save_original_format=layout == "per_expert")
+    convert_hf_to_jax(hf_dir, tmp_path / "whole", show_progress=False)
+    monkeypatch.setattr(hf_to_jax, "BLOCK_BYTES", 3 * 64 * 64 * 4)  # 3 gate_up experts (float32), 6 down
+    convert_hf_to_jax(hf_dir, tmp_path / "blocks", show_progress=False)
+    manifest = json.loads((tmp_path / "blocks" / base_ckpt.MANIFEST).read_text())
+    assert manifest["source"]["expert_layout"] == layout
+    whole, blocks = load_model(tmp_path / "whole"), load_model(tmp_path / "blocks")
+    for layer_whole, layer_blocks in zip(whole.layers, blocks.layers):
+        for name in ("gate_up", "down"):
+            np.testing.assert_array_equal(np.asarray(getattr(layer_blocks.moe.experts, name)[...]),
+                                          np.asarray(getattr(layer_whole.moe.experts, name)[...]))
+    assert _parity(olmoe, tmp_path / "blocks") <= 1e-5
 
 
 # ---- refused inputs: one-line message naming the culprit, exit code 2, nothing written ----
@@ -180,6 +241,27 @@ def test_failure_midway_leaves_no_checkpoint(hf_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(base_ckpt, "save_group", failing_save)
     with pytest.raises(OSError, match="disk full"):
         convert_hf_to_jax(hf_dir, tmp_path / "ckpt", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_unreadable_expert_while_writing_is_a_one_line_error(hf_dir, tmp_path, monkeypatch, capsys):
+    """Expert tensors are read inside orbax's writer; a failure there still ends as one line, nothing left."""
+    from perft_jax.convert import source as source_mod
+
+    original_read = source_mod._SafetensorsFile.read
+    culprit = "model.layers.1.mlp.experts.5.up_proj.weight"
+
+    def read(self, key, rows=None):
+        if key == culprit:
+            raise UserError(f"{self.path}: truncated safetensors file (tensor {key})")
+        return original_read(self, key, rows)
+
+    monkeypatch.setattr(source_mod._SafetensorsFile, "read", read)
+    out = tmp_path / "ckpt"
+    assert cli.main(["--hf-dir", str(hf_dir), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: "), err
+    assert f"truncated safetensors file (tensor {culprit})" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 

@@ -1,9 +1,10 @@
 """Forward + backward time of the three MoE dispatch backends on one OLMoE-shaped layer.
 
-    python benchmarks/moe_dispatch.py [--tokens 2048 --hidden 512 --experts 16 --top-k 4 --intermediate 256]
+    python -m benchmarks.moe_dispatch [--tokens 2048 --hidden 512 --experts 16 --top-k 4 --intermediate 256]
 
-All backends run side by side in one process on the same inputs: warm-up (compile) once, then the
-median of `--repeats` timed runs. Two backward modes are timed:
+All backends run side by side in one process on the same inputs: warm-up (compile) once, then
+`--repeats` interleaved rounds, median reported. It is also the suite's `dispatch` section
+(benchmarks/run.py). Two backward modes are timed:
 - `frozen`: gradients w.r.t. the layer input only, as when the base model is frozen under PERFT;
 - `full`: also w.r.t. router and expert weights (full fine-tuning), for comparison.
 The loss is sum(y**2); every backend's loss and input gradient are checked against `dense` first.
@@ -11,14 +12,13 @@ The loss is sum(y**2); every backend's loss and input gradient are checked again
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.common import device_line, environment, markdown_table, matmul_peak_gflops, time_interleaved
 from perft_jax.models.config import ModelConfig
 from perft_jax.moe.block import SparseMoeBlock
 
@@ -43,70 +43,69 @@ def _step(block: SparseMoeBlock, full: bool):
     return lambda x: grad_fn(params, x)
 
 
-def _time(fn, x, repeats: int) -> tuple[float, float, tuple]:
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(x))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first, out
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matmul throughput as XLA reaches it: the denominator for any MFU figure."""
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    median, _, _ = _time(jax.jit(lambda m: m @ m), a, repeats)
-    return 2 * n**3 / median / 1e9
-
-
 def _flops(args, full: bool) -> float:
     """Useful expert FLOPs of one fwd+bwd: only the K chosen experts per token count (dense does E/K x more)."""
     forward = 2 * args.tokens * args.top_k * 3 * args.hidden * args.intermediate
     return forward * (3 if full else 2)  # backward: dx only (frozen) or dx + dW (full)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--capacity-factor", type=float, default=2.0)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    args = p.parse_args(argv)
+DEFAULTS = dict(tokens=2048, hidden=512, experts=16, top_k=4, intermediate=256, capacity_factor=2.0,
+                dtypes="float32,bfloat16")
 
+
+def measure(args) -> list[dict]:
+    """Every (dtype, backward mode) group's three backends timed side by side; checked against dense first."""
     x32 = jax.random.normal(jax.random.key(0), (1, args.tokens, args.hidden), jnp.float32)
-    peak = matmul_peak_gflops()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  "
-          f"float32 matmul peak (jit, 2048^2): {peak:.0f} GFLOP/s")
-    print(f"layer: T={args.tokens} D={args.hidden} E={args.experts} top-{args.top_k} I={args.intermediate}, "
-          f"capacity factor {args.capacity_factor}; median of {args.repeats}\n")
-    header = f"{'backend':<10} {'dtype':<9} {'backward':<8} {'fwd+bwd ms':>11} {'useful GFLOP/s':>15} " \
-             f"{'compile+1st s':>14} {'dropped':>8} {'loss':>12}"
-    print(header)
-    print("-" * len(header))
+    rows = []
     for dtype in args.dtypes.split(","):
         x = x32.astype(dtype)
-        reference = None
         for full in (False, True):
-            for backend in ("dense", "capacity", "ragged"):
-                median, first, ((value, dropped), grads) = _time(_step(_block(args, backend, dtype), full), x,
-                                                                 args.repeats)
-                dx = grads[1] if full else grads
+            steps = {b: _step(_block(args, b, dtype), full) for b in ("dense", "capacity", "ragged")}
+            timings = time_interleaved({b: (lambda s=s: jax.block_until_ready(s(x))) for b, s in steps.items()},
+                                       args.repeats, warmup=1)
+            outputs = {b: step(x) for b, step in steps.items()}
+            ref_value, ref_dx = None, None
+            for backend, ((value, dropped), grads) in outputs.items():
+                dx = np.asarray(grads[1] if full else grads, np.float32)
                 if backend == "dense":
-                    reference = (float(value), np.asarray(dx, np.float32))
+                    ref_value, ref_dx = float(value), dx
                 elif int(dropped) == 0:  # dropless runs must agree with the reference
                     tol = 1e-4 if dtype == "float32" else 5e-2
-                    np.testing.assert_allclose(float(value), reference[0], rtol=tol)
-                    np.testing.assert_allclose(np.asarray(dx, np.float32), reference[1], rtol=tol, atol=tol)
-                print(f"{backend:<10} {dtype:<9} {'full' if full else 'frozen':<8} {median * 1e3:>11.1f} "
-                      f"{_flops(args, full) / median / 1e9:>15.1f} {first:>14.2f} {int(dropped):>8} "
-                      f"{float(value):>12.4f}")
+                    np.testing.assert_allclose(float(value), ref_value, rtol=tol)
+                    np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol)
+                t = timings[backend]
+                rows.append({"backend": backend, "dtype": dtype, "backward": "full" if full else "frozen",
+                             "ms": t.median_s * 1e3, "gflops": _flops(args, full) / t.median_s / 1e9,
+                             "first_s": t.first_s, "dropped": int(dropped), "loss": float(value)})
+    return rows
+
+
+def table(args, rows: list[dict]) -> str:
+    head = (f"one layer: T={args.tokens} D={args.hidden} E={args.experts} top-{args.top_k} I={args.intermediate}, "
+            f"capacity factor {args.capacity_factor}; median of {args.repeats}; loss = sum(y^2)")
+    return head + "\n\n" + markdown_table(rows, [
+        ("backend", "backend", "s"), ("dtype", "dtype", "s"), ("backward", "backward", "s"),
+        ("ms", "fwd+bwd ms", ".1f"), ("gflops", "useful GFLOP/s", ".1f"), ("first_s", "compile+1st s", ".2f"),
+        ("dropped", "dropped", "d"), ("loss", "loss", ".4f")])
+
+
+def run(args) -> dict:
+    """The suite's entry (benchmarks/run.py): the default layer shape, the suite's --repeats."""
+    args = argparse.Namespace(**DEFAULTS, repeats=args.repeats)
+    rows = measure(args)
+    tables = {"Dispatch: one MoE layer, forward + backward": table(args, rows)}
+    return {"shape": DEFAULTS, "rows": rows, "tables": tables}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for key, value in DEFAULTS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    print(device_line(environment()))
+    print(f"float32 matmul peak (jit, 2048^2): {matmul_peak_gflops():.0f} GFLOP/s\n")
+    print(table(args, measure(args)))
 
 
 if __name__ == "__main__":

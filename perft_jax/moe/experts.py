@@ -9,9 +9,9 @@ Backends (`ModelConfig.moe_backend`), all computing y_t = sum_k w_tk * E_{i_tk}(
   exact, and E/K times the FLOPs of the sparse forms.
 - `capacity`: each (token, choice) pair gets a slot in a per-expert buffer [E, C, D] with
   C = ceil(T*K/E * capacity_factor); one batched einsum runs all experts; pairs past an expert's
-  capacity are dropped (counted in `dropped`). Fastest on CPU (ENGINEERING.md §5).
-- `grouped`: pairs sorted by expert into fixed-size blocks (moe/grouped.py), one batched einsum with
-  each block's expert weights gathered; dropless, at most (E - 1) blocks of padding. For CPU.
+  capacity are dropped (counted in `dropped`). Needs a capacity factor that fits the routing to be exact.
+- `grouped`: pairs sorted by expert into fixed-size blocks (moe/grouped.py), a loop of [b, D] x [D, F]
+  matmuls over the blocks in use; dropless, under one block of padding per expert. Fastest on CPU.
 - `ragged`: pairs sorted by expert and run through `jax.lax.ragged_dot` (grouped matmul); dropless.
   Meant for GPU/TPU.
 """
@@ -83,7 +83,7 @@ def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float
 
 
 def grouped_dispatch(x, weights, indices, gate_up, down, valid=None):
-    """Sorted fixed-size blocks and a batched einsum (moe/grouped.py). Dropless."""
+    """Sorted fixed-size blocks, one matmul per block (moe/grouped.py). Dropless."""
     t, k = indices.shape
     num_experts = gate_up.shape[0]
     if valid is not None:  # other devices' pairs: an extra group past the real ones, weighted zero

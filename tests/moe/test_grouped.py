@@ -73,3 +73,23 @@ def test_routed_bank_equals_dense_gated_bank_with_gradients(form):
     for got, want in pairs:
         got, want = np.asarray(got), np.asarray(want)
         assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+
+
+def test_frozen_weights_get_no_weight_gradient_loop():
+    """The base experts are frozen: differentiating w.r.t. the rows only must leave the forward loop and the
+    dx loop in the compiled program, not the dW loop (ENGINEERING.md §5: custom-VJP grouped kernels that
+    always compute both gradients double the frozen base's backward)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 8, 8)), jnp.float32)
+    layout = grouped.block_layout(jnp.asarray(rng.integers(0, 4, size=40), jnp.int32), 4, block=8)
+
+    def loss(x, w):
+        return jnp.sum(grouped.grouped_matmul(grouped.gather_rows(x, layout), w, layout) ** 2)
+
+    def loops(argnums):
+        hlo = jax.jit(jax.grad(loss, argnums=argnums)).lower(x, w).compile().as_text()
+        return sum(" while(" in line for line in hlo.splitlines())
+
+    assert loops(0) == 2  # forward, dx
+    assert loops((0, 1)) == 3  # forward, dx, dW

@@ -1,4 +1,4 @@
-"""Forward + backward time of the three MoE dispatch backends on one OLMoE-shaped layer.
+"""Forward + backward time of every MoE dispatch backend on one OLMoE-shaped layer.
 
     python -m benchmarks.moe_dispatch [--tokens 2048 --hidden 512 --experts 16 --top-k 4 --intermediate 256]
 
@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import device_line, environment, markdown_table, matmul_peak_gflops, time_interleaved
+from benchmarks.train_step import BACKENDS
 from perft_jax.models.config import ModelConfig
 from perft_jax.moe.block import SparseMoeBlock
 
@@ -54,13 +55,13 @@ DEFAULTS = dict(tokens=2048, hidden=512, experts=16, top_k=4, intermediate=256, 
 
 
 def measure(args) -> list[dict]:
-    """Every (dtype, backward mode) group's three backends timed side by side; checked against dense first."""
+    """Every (dtype, backward mode) group's backends timed side by side; checked against dense first."""
     x32 = jax.random.normal(jax.random.key(0), (1, args.tokens, args.hidden), jnp.float32)
     rows = []
     for dtype in args.dtypes.split(","):
         x = x32.astype(dtype)
         for full in (False, True):
-            steps = {b: _step(_block(args, b, dtype), full) for b in ("dense", "capacity", "ragged")}
+            steps = {b: _step(_block(args, b, dtype), full) for b in BACKENDS}
             timings = time_interleaved({b: (lambda s=s: jax.block_until_ready(s(x))) for b, s in steps.items()},
                                        args.repeats, warmup=1)
             outputs = {b: step(x) for b, step in steps.items()}

@@ -39,8 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per comparison (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (the first compiles)")
     p.add_argument("--config", default=None, help="train-step config (default: bench-small, gpu: olmoe-1b-7b)")
-    p.add_argument("--f32-backends", default="dense,capacity,ragged", help="MoE backends timed in float32 (train)")
-    p.add_argument("--bf16-backends", default="capacity", help="MoE backends also timed in bfloat16 (train)")
+    p.add_argument("--f32-backends", default="dense,capacity,grouped,ragged",
+                   help="MoE backends timed in float32 (train)")
+    p.add_argument("--bf16-backends", default="capacity,grouped", help="MoE backends also timed in bfloat16 (train)")
     p.add_argument("--torch-bf16", action="store_true", help="also time PyTorch in bfloat16 (train)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="capacity backend factor (default: the smallest that drops nothing on the bench batch)")

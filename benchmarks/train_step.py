@@ -60,7 +60,7 @@ from perft_jax.perft.efficiency import efficiency_report
 from perft_jax.train.optim import OptimConfig, make_optimizer
 from perft_jax.train.step import loss_fn, train_step
 
-BACKENDS = ("dense", "capacity", "ragged")
+BACKENDS = ("dense", "capacity", "grouped", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +123,9 @@ def _log(msg: str) -> None:
     print(f"[train] {msg}", file=sys.stderr, flush=True)
 
 
-def commit(model) -> None:
-    """Put every array on the default device, committed. Fresh `init_model` arrays are uncommitted, and a
-    step's outputs come back committed, so the first two calls of the jitted step would compile twice."""
-    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
-
-
 def jax_model(cfg: ModelConfig, perft: PerftConfig, seed: int = 0):
     """A random base with adapters attached (no conversion): the scaling and GPU benchmarks."""
-    model = attach_perft(init_model(cfg, seed), perft, seed=seed)
-    commit(model)
-    return model
+    return attach_perft(init_model(cfg, seed), perft, seed=seed)
 
 
 class JaxSide:

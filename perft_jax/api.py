@@ -25,8 +25,12 @@ from perft_jax.sharding import LogicalSharding, remember_sharding, shard_model
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
-    """A randomly initialised model (tests, benchmarks, the demo's tiny base)."""
-    return MoeForCausalLM(cfg, nnx.Rngs(seed))
+    """A randomly initialised model (tests, benchmarks, the demo's tiny base), committed to the first local
+    device like a restored one: a jitted step writes its state back committed, and uncommitted inputs on the
+    first call would compile the step a second time."""
+    model = MoeForCausalLM(cfg, nnx.Rngs(seed))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
+    return model
 
 
 def abstract_model(cfg: ModelConfig) -> MoeForCausalLM:

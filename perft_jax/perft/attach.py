@@ -47,14 +47,15 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
             attn.v_lora = LoRA(d, mcfg.num_kv_heads * mcfg.head_dim, cfg, rngs, ("embed", "kv_heads"),
                                param_dtype, dtype)
     model.perft_config = cfg  # what save_adapters records (loss coefficients and init included)
-    place_like_base(model, nnx.state(model, AdapterParam))
+    # The adapters' dropout RNG state too: the step writes it back committed, like the adapters.
+    place_like_base(model, nnx.state(model, nnx.Any(AdapterParam, nnx.RngState)))
     return model
 
 
 def place_like_base(model: MoeForCausalLM, state) -> None:
-    """Put `state` (adapters) where the base says and commit it: by the model's `LogicalSharding` when it has
-    one (replicated, or by the adapters' logical axes with `mesh.shard_adapters`), else replicated over the
-    base's mesh, or on the base's device.
+    """Put `state` (adapters, their RNG state) where the base says and commit it: by the model's
+    `LogicalSharding` when it has one (replicated, or by the adapters' logical axes with `mesh.shard_adapters`),
+    else replicated over the base's mesh, or on the base's device.
 
     Freshly created arrays are uncommitted while restored ones are committed; a jitted step sees the two
     as different inputs and would compile twice (once more when the first update commits them).

@@ -11,6 +11,7 @@ from flax import nnx
 from perft_jax import ModelConfig, export_hf, init_model, load_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 from perft_jax.perft.adapters import AdapterParam
+from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
 from perft_jax.train.optim import OptimConfig, make_optimizer
 from perft_jax.train.step import loss_fn, train_step
@@ -97,3 +98,18 @@ def test_loss_terms_are_reported_separately(converted_base):
                   + perft.dynmole.router_dyn_loss_coef * metrics["adapter_router_entropy"]
                   + perft.dynmole.router_aux_loss_coef * metrics["adapter_router_aux"])
     np.testing.assert_allclose(float(metrics["total"]), float(recomposed), rtol=1e-6)
+
+
+def test_a_fresh_model_compiles_the_step_once():
+    """A random base with freshly attached adapters (their dropout RNG included) is committed like a restored
+    one, so the step's written-back state does not look like new inputs on the second call."""
+    cfg = ModelConfig(model_type="olmoe", vocab_size=72, hidden_size=24, intermediate_size=8, num_layers=1,
+                      num_heads=2, num_kv_heads=2, head_dim=12, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=False, qk_norm=True)
+    perft = PerftConfig(variant="perft_r", num_adapters=4, top_k=2, dropout=0.1)  # shapes no other test uses
+    model = attach_perft(init_model(cfg, seed=0), perft, seed=0)
+    optimizer = make_optimizer(model, OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"))
+    before = train_step.jitted_fn._cache_size()
+    for seed in range(3):
+        train_step(model, optimizer, _batch(seed), cfg, perft)
+    assert train_step.jitted_fn._cache_size() == before + 1

@@ -47,7 +47,11 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache of `max_len` slots for `batch` rows; `dtype` defaults to the compute dtype."""
+    """An empty cache of `max_len` slots for `batch` rows; `dtype` defaults to the compute dtype.
+
+    Made inside a jitted decode loop, it takes the loop's placement. Made outside, `jax.device_put` it where the
+    model lives: calls that return a committed cache would otherwise compile once more on their second call.
+    """
     dtype = cfg.jnp_dtype if dtype is None else dtype
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),

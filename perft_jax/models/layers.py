@@ -173,12 +173,16 @@ class Attention(nnx.Module):
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """q [B, T, heads, hd], k/v [B, S, kv_heads, hd], mask [B, 1, T, S] bool -> [B, T, D]."""
         cfg = self.cfg
-        b, t = q.shape[:2]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)  # query head h = kv * groups + g
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        kv, hd = cfg.num_kv_heads, cfg.head_dim
+        groups = cfg.num_heads // kv
+        # Heads-major operands, the `groups` query heads of a kv head stacked along the rows, so that both
+        # products are plain batched matmuls [G*T, hd] x [hd, S]; the einsum form over [B, T, KV, G, hd] cost
+        # 15-20 % more in fwd + bwd on CPU (bench-small attention, B=8 T=256 H=8 hd=64).
+        q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, hd)  # h = kv*G + g
+        scores = (q @ k.transpose(0, 2, 3, 1)).astype(jnp.float32) / math.sqrt(hd)  # [B, KV, G*T, S]
         # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return self.o_proj(out)
+        scores = jnp.where(mask[:, :, None], scores.reshape(b, kv, groups, t, s), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, groups * t, s)
+        out = (probs @ v.transpose(0, 2, 1, 3)).reshape(b, kv, groups, t, hd)
+        return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd))

@@ -24,8 +24,9 @@ IGNORE_INDEX = -100
 
 def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy. logits [B, T, V], labels [B, T] (-100 = ignored) -> (loss, #tokens)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    # Shift the labels, not the logits: slicing [B, T-1, V] logits copies them, and its gradient pads them back.
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    logits = logits.astype(jnp.float32)
     valid = targets != IGNORE_INDEX
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
     count = jnp.sum(valid)

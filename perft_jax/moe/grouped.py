@@ -138,6 +138,14 @@ def scatter_rows(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
     return _blocks_to_pairs(blocks.reshape(layout.num_rows, -1), layout)
 
 
+def _zeros_varying_like(shape, dtype, *operands) -> jax.Array:
+    """Zeros that vary over the same manual mesh axes as `operands`. Inside `shard_map` (expert parallelism,
+    moe/ep.py), a loop's carry must start with the axes its body's result varies over."""
+    axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in operands))
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
 def _block_products(blocks, weights, block_group, used, transpose: bool):
     """out[i] = blocks[i] @ W[block_group[i]] (W^T with `transpose`) for blocks i < used; zeros after."""
     width = weights.shape[1] if transpose else weights.shape[2]
@@ -147,7 +155,7 @@ def _block_products(blocks, weights, block_group, used, transpose: bool):
         product = blocks[i] @ (w.T if transpose else w)
         return jax.lax.dynamic_update_index_in_dim(out, product.astype(out.dtype), i, 0)
 
-    out = jnp.zeros(blocks.shape[:2] + (width,), blocks.dtype)
+    out = _zeros_varying_like(blocks.shape[:2] + (width,), blocks.dtype, blocks, weights, block_group)
     return jax.lax.fori_loop(0, used, body, out)
 
 
@@ -159,7 +167,7 @@ def _weight_gradient(blocks, grads, block_group, used, weights):
         product = jnp.dot(blocks[i].T, grads[i], preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_index_in_dim(dw, dw[g] + product, g, 0)
 
-    dw = jax.lax.fori_loop(0, used, body, jnp.zeros(weights.shape, jnp.float32))
+    dw = jax.lax.fori_loop(0, used, body, _zeros_varying_like(weights.shape, jnp.float32, blocks, grads, block_group))
     return dw.astype(weights.dtype)
 
 

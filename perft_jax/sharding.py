@@ -256,13 +256,16 @@ class LogicalSharding:
 
     def state_shardings(self, state: nnx.State) -> nnx.State:
         """An `nnx.State` of `NamedSharding`s, one per variable of `state` (values or ShapeDtypeStructs)."""
-        flat = [(path, var.replace(self.variable_sharding(path, var))) for path, var in nnx.to_flat_state(state)]
-        return nnx.from_flat_state(flat)
+        return _map_variables(state, self.variable_sharding)
 
     def trainable_shardings(self, state: nnx.State) -> nnx.State:
         """Like `state_shardings`, for adapter or optimizer state: every variable by `trainable_sharding`."""
-        flat = [(path, var.replace(self.trainable_sharding(path, var))) for path, var in nnx.to_flat_state(state)]
-        return nnx.from_flat_state(flat)
+        return _map_variables(state, self.trainable_sharding)
+
+
+def _map_variables(state: nnx.State, fn) -> nnx.State:
+    """`state` with each variable's value replaced by `fn(path, variable)`."""
+    return nnx.from_flat_state([(path, var.replace(fn(path, var))) for path, var in nnx.to_flat_state(state)])
 
 
 def run_sharding(cfg: MeshConfig) -> LogicalSharding | None:

@@ -73,14 +73,10 @@ class RingOfExperts:
     token_axes: tuple[str, ...]
     expert_axes: tuple[str, ...]
 
-    @property
-    def num_token_shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.token_axes)
-
     def __call__(self, x, weights, indices, gate_up, down, backend: str, capacity_factor: float):
         """x [T, D], weights/indices [T, K], gate_up [E, D, 2I], down [E, I, D] -> (y [T, D], dropped)."""
         t = x.shape[0]
-        x, weights, indices = _pad_tokens(x, weights, indices, self.num_token_shards)
+        x, weights, indices = _pad_tokens(x, weights, indices, _num_shards(self.mesh, self.token_axes))
         tokens = P(_spec_entry(self.token_axes))
         experts = P(_spec_entry(self.expert_axes))
         num_experts = gate_up.shape[0]
@@ -119,6 +115,10 @@ def _local_experts(backend: str, x, weights, indices, gate_up, down, valid, capa
     if backend == "grouped":
         return grouped_dispatch(x, weights, indices, gate_up, down, valid)
     return ragged_dispatch(x, weights, indices, gate_up, down, valid)
+
+
+def _num_shards(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def _pad_tokens(x, weights, indices, n: int):
@@ -173,7 +173,7 @@ class RaggedAllToAll:
     def __call__(self, x, weights, indices, gate_up, down, backend: str, capacity_factor: float):
         """x [T, D], weights/indices [T, K], gate_up [E, D, 2I], down [E, I, D] -> (y [T, D], dropped)."""
         t = x.shape[0]
-        x, weights, indices = _pad_tokens(x, weights, indices, math.prod(self.mesh.shape[a] for a in self.token_axes))
+        x, weights, indices = _pad_tokens(x, weights, indices, _num_shards(self.mesh, self.token_axes))
         tokens = P(_spec_entry(self.token_axes))
         num_experts = gate_up.shape[0]
         n = self.mesh.shape[EXPERT_AXIS]

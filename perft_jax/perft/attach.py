@@ -53,7 +53,12 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
 
 
 def place_like_base(model: MoeForCausalLM, state) -> None:
-    """Put `state` (adapters, their RNG state) where the base says and commit it: by the model's
+    """Put `state` (adapters, their RNG state) of `model` where `placed_like_base` says, in place."""
+    nnx.update(model, placed_like_base(model, state))
+
+
+def placed_like_base(model: MoeForCausalLM, state):
+    """`state` (adapters, their RNG or optimizer state) placed where the base says, committed: by the model's
     `LogicalSharding` when it has one (replicated, or by the adapters' logical axes with `mesh.shard_adapters`),
     else replicated over the base's mesh, or on the base's device.
 
@@ -62,15 +67,14 @@ def place_like_base(model: MoeForCausalLM, state) -> None:
     """
     base = model.embed.embedding[...]
     if isinstance(base, jax.core.Tracer):  # under eval_shape / jit: placement is the caller's business
-        return
+        return state
     logical = model_sharding(model)
     if logical is not None:
-        nnx.update(model, jax.device_put(state, logical.trainable_shardings(state)))
-        return
+        return jax.device_put(state, logical.trainable_shardings(state))
     sharding = base.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    nnx.update(model, jax.device_put(state, sharding))
+    return jax.device_put(state, sharding)
 
 
 def has_adapters(model: MoeForCausalLM) -> bool:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax
 import optax
 from flax import nnx
 
 from perft_jax.errors import UserError
 from perft_jax.perft.adapters import AdapterParam
-from perft_jax.sharding import model_sharding
+from perft_jax.perft.attach import placed_like_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +81,7 @@ def make_transform(cfg: OptimConfig) -> optax.GradientTransformation:
 def make_optimizer(model: nnx.Module, cfg: OptimConfig) -> nnx.Optimizer:
     """AdamW state for `AdapterParam` leaves only; the base model has neither state nor updates."""
     optimizer = nnx.Optimizer(model, make_transform(cfg), wrt=AdapterParam)
-    # Committed where the adapters live, so the first update does not change the step's inputs: on a mesh by
-    # the model's LogicalSharding (moments split like their adapters under mesh.shard_adapters), else beside them.
-    logical = model_sharding(model)
-    adapters = jax.tree.leaves(nnx.state(model, AdapterParam))
-    state = nnx.state(optimizer)
-    if logical is not None:
-        nnx.update(optimizer, jax.device_put(state, logical.trainable_shardings(state)))
-    elif adapters:
-        nnx.update(optimizer, jax.device_put(state, adapters[0].sharding))
+    # Committed where the adapters live, so the first update does not change the step's inputs (moments split
+    # like their adapters under mesh.shard_adapters: they carry the adapters' logical axes).
+    nnx.update(optimizer, placed_like_base(model, nnx.state(optimizer)))
     return optimizer

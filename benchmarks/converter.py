@@ -87,10 +87,12 @@ def _write_shard(path: pathlib.Path, specs: list[tuple[str, tuple[int, ...]]], p
                 start = 0
 
 
-def generate_checkpoint(out_dir: pathlib.Path, layers: int, shard_bytes: float, seed: int = 0) -> dict:
-    """Write config.json, `model-0000i-of-0000n.safetensors` shards and the index; return a summary."""
+def generate_checkpoint(out_dir: pathlib.Path, layers: int, shard_bytes: float, seed: int = 0,
+                        config_path: pathlib.Path = OLMOE_CONFIG) -> dict:
+    """Write config.json (`config_path`'s architecture at `layers` layers), `model-0000i-of-0000n.safetensors`
+    shards and the index; return a summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads(OLMOE_CONFIG.read_text())
+    config = json.loads(pathlib.Path(config_path).read_text())
     config["num_hidden_layers"] = layers
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     specs = _tensor_specs(out_dir / "config.json")
@@ -114,7 +116,8 @@ def generate_checkpoint(out_dir: pathlib.Path, layers: int, shard_bytes: float, 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     largest_key, largest_shape = max(specs, key=lambda ks: int(np.prod(ks[1])))
-    return {"total_bytes": total, "tensors": len(specs), "shards": len(shards),
+    fixed = sum(int(np.prod(s)) * 2 for k, s in specs if ".layers." not in k)  # embeddings, final norm, LM head
+    return {"total_bytes": total, "fixed_bytes": fixed, "tensors": len(specs), "shards": len(shards),
             "largest_tensor": largest_key, "largest_tensor_shape": list(largest_shape),
             "largest_tensor_bytes": int(np.prod(largest_shape)) * 2}
 
@@ -174,21 +177,24 @@ CONVERT = "import sys\nfrom perft_jax.convert.cli import main\nsys.exit(main(sys
 # measured command and reports its rusage.
 MEASURE = """
 import json, os, subprocess, sys
-proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+out = open(sys.argv[2], 'wb') if sys.argv[2] != '-' else subprocess.DEVNULL
+proc = subprocess.Popen(sys.argv[3:], stdout=out)
 _, status, usage = os.wait4(proc.pid, 0)
 with open(sys.argv[1], 'w') as f:
     json.dump({'rc': os.waitstatus_to_exitcode(status), 'maxrss_kb': usage.ru_maxrss}, f)
 """
 
 
-def measure(cmd: list[str], cwd: pathlib.Path = REPO, env: dict | None = None) -> dict:
-    """Run `cmd` to completion; its wall time and its own peak RSS (`ru_maxrss` of `os.wait4`)."""
+def measure(cmd: list[str], cwd: pathlib.Path = REPO, env: dict | None = None,
+            stdout: pathlib.Path | None = None) -> dict:
+    """Run `cmd` to completion; its wall time and its own peak RSS (`ru_maxrss` of `os.wait4`). Its standard
+    output goes to `stdout` when given (else nowhere); its standard error is quoted if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         report, err_path = pathlib.Path(tmp) / "rusage.json", pathlib.Path(tmp) / "stderr"
         with open(err_path, "wb") as err:
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", MEASURE, str(report), *cmd], stderr=err, cwd=cwd, env=env,
-                           check=True)
+            subprocess.run([sys.executable, "-c", MEASURE, str(report), str(stdout or "-"), *cmd], stderr=err,
+                           cwd=cwd, env=env, check=True)
             wall = time.perf_counter() - start
         usage = json.loads(report.read_text())
         if usage["rc"] != 0:

@@ -1,6 +1,6 @@
 """The benchmark suite's one entry point (issue 6).
 
-    python -m benchmarks.run [--suite cpu|gpu] [--out results.json] [--only train,scaling,dispatch,converter]
+    python -m benchmarks.run [--suite cpu|gpu] [--out results.json] [--only train,scaling,dispatch,converter,real]
                              [--repeats N]
 
 Sections, each a module with `run(args) -> dict` (a "tables" entry of markdown tables is printed):
@@ -9,6 +9,8 @@ Sections, each a module with `run(args) -> dict` (a "tables" entry of markdown t
 - dispatch:  one MoE layer, forward + backward, per backend (benchmarks/moe_dispatch.py)
 - converter: HF -> perft-jax conversion memory and throughput (benchmarks/converter.py, when present; it may
              add its own options through `add_arguments(parser)`)
+- real:      OLMoE-1B-7B at full size and Mixtral-8x7B's width: generate, convert, train, evaluate, peak RSS
+             per stage against the base (benchmarks/real.py; only when named: it needs about 30 GB of disk)
 
 Within a section every comparison is measured side by side in this process: warm-up, then interleaved rounds,
 median reported. The JSON holds the environment (device, versions, load average) and every raw timing.
@@ -25,9 +27,10 @@ from typing import Any
 
 from benchmarks.common import device_line, environment, write_json
 
-SECTIONS = ("train", "scaling", "dispatch", "converter")
+SECTIONS = ("train", "scaling", "dispatch", "converter", "real")
 MODULES = {"train": "benchmarks.train_step", "scaling": "benchmarks.scaling", "dispatch": "benchmarks.moe_dispatch",
-           "converter": "benchmarks.converter"}
+           "converter": "benchmarks.converter", "real": "benchmarks.real"}
+DEFAULT_SECTIONS = SECTIONS[:-1]  # `real` writes and trains ~28 GB of checkpoints: asked for by name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: bench-small against PyTorch; gpu: OLMoE-1B-7B shapes, bf16, no PyTorch")
     p.add_argument("--out", default="results.json", help="JSON results path (written atomically)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but real)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per comparison (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (the first compiles)")
     p.add_argument("--config", default=None, help="train-step config (default: bench-small, gpu: olmoe-1b-7b)")
@@ -46,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="capacity backend factor (default: the smallest that drops nothing on the bench batch)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
-    for name in ("benchmarks.converter",):  # the converter benchmark may bring its own options
+    for name in ("benchmarks.converter", "benchmarks.real"):  # benchmarks that bring their own options
         if importlib.util.find_spec(name) is not None:
             module = importlib.import_module(name)
             if hasattr(module, "add_arguments"):

@@ -7,6 +7,7 @@ Every parameter carries logical axis names (`axes` metadata) that the sharding r
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -20,6 +21,42 @@ def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
+def _contract(x: jax.Array, w: jax.Array, x_dim: int, w_dim: int) -> jax.Array:
+    """x and w contracted over one dimension each, accumulated and returned in float32."""
+    return jax.lax.dot_general(x, w, (((x_dim,), (w_dim,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+    """x [..., K] @ w [K, N] (w [N, K] with `transpose_w`) -> [..., N] in x's dtype, accumulated in float32.
+
+    Every matmul against a base weight goes through here. Numerically it is the plain product (bfloat16 inputs
+    accumulate in float32 and round once, as XLA's and PyTorch's bfloat16 matmuls do; float32 is unchanged).
+    The custom VJP exists for memory: XLA:CPU runs bfloat16 dots natively only with a float32 result, and
+    upcasts every bfloat16 transpose, so JAX's own derivative (a float32 cotangent against a bfloat16 `w`,
+    or a transposed `w`) made XLA convert each whole weight to float32 and keep that copy from the forward to
+    the backward: 2x the bfloat16 base in temporaries (issue 11). Here the backward contracts `w` in place,
+    in its own dtype. dW is computed too; XLA drops it when `w` is frozen (not differentiated).
+    """
+    return _contract(x, w, x.ndim - 1, 1 if transpose_w else 0).astype(x.dtype)
+
+
+def _matmul_fwd(x, w, transpose_w):
+    return matmul(x, w, transpose_w), (x, w)
+
+
+def _matmul_bwd(transpose_w, residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = _contract(g, w, g.ndim - 1, 0 if transpose_w else 1).astype(x.dtype)
+    rows, grads = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = _contract(grads, rows, 0, 0) if transpose_w else _contract(rows, grads, 0, 0)
+    return dx, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
     """Bias-free `x @ kernel` with kernel stored (in, out) — a torch `nn.Linear` weight transposed."""
 
@@ -29,7 +66,7 @@ class Linear(nnx.Module):
         self.dtype = cfg.jnp_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class Embed(nnx.Module):
@@ -44,7 +81,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype), transpose_w=True)
 
 
 class RMSNorm(nnx.Module):

@@ -146,17 +146,31 @@ def _zeros_varying_like(shape, dtype, *operands) -> jax.Array:
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
 
 
+def _contract(a, b, a_dim: int, b_dim: int):
+    """a and b contracted over one dimension each, accumulated in float32 (no transposed copy of either)."""
+    return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _block_products(blocks, weights, block_group, used, transpose: bool):
-    """out[i] = blocks[i] @ W[block_group[i]] (W^T with `transpose`) for blocks i < used; zeros after."""
+    """out[i] = blocks[i] @ W[block_group[i]] (W^T with `transpose`) for blocks i < used; zeros after.
+
+    The weights travel through the loop behind an optimization barrier. XLA:CPU computes a bfloat16
+    dynamic-slice in float32 (it converts the operand first), and since the weights are loop-invariant it
+    hoisted that conversion out of the loop: a float32 copy of the whole [G, D, F] stack per call, kept from
+    the forward to the backward (for OLMoE-1B-7B, 3 GiB per layer over its 1.5 GiB of bfloat16 experts, issue
+    11). Behind the barrier the conversion stays in the loop, fused into the slice of the one matrix it
+    reads; the loop also ran 3.3x faster (0.22 s against 0.72 s for 64 matrices of 2048 x 2048, bf16).
+    """
     width = weights.shape[1] if transpose else weights.shape[2]
 
-    def body(i, out):
-        w = weights[block_group[i]]
-        product = blocks[i] @ (w.T if transpose else w)
-        return jax.lax.dynamic_update_index_in_dim(out, product.astype(out.dtype), i, 0)
+    def body(i, carry):
+        out, weights = carry
+        weights = jax.lax.optimization_barrier(weights)
+        product = _contract(blocks[i], weights[block_group[i]], 1, 1 if transpose else 0)
+        return jax.lax.dynamic_update_index_in_dim(out, product.astype(out.dtype), i, 0), weights
 
     out = _zeros_varying_like(blocks.shape[:2] + (width,), blocks.dtype, blocks, weights, block_group)
-    return jax.lax.fori_loop(0, used, body, out)
+    return jax.lax.fori_loop(0, used, body, (out, weights))[0]
 
 
 def _weight_gradient(blocks, grads, block_group, used, weights):
@@ -164,7 +178,7 @@ def _weight_gradient(blocks, grads, block_group, used, weights):
 
     def body(i, dw):
         g = block_group[i]
-        product = jnp.dot(blocks[i].T, grads[i], preferred_element_type=jnp.float32)
+        product = _contract(blocks[i], grads[i], 0, 0)
         return jax.lax.dynamic_update_index_in_dim(dw, dw[g] + product, g, 0)
 
     dw = jax.lax.fori_loop(0, used, body, _zeros_varying_like(weights.shape, jnp.float32, blocks, grads, block_group))

@@ -7,11 +7,10 @@ Mixtral: always), then cast to the compute dtype before they weight expert outpu
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from perft_jax.models.config import ModelConfig
-from perft_jax.models.layers import normal_init
+from perft_jax.models.layers import matmul, normal_init
 from perft_jax.moe.routing import topk_routing
 
 
@@ -26,6 +25,6 @@ class TopKRouter(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, D] -> (router_logits [T, E], weights [T, K] compute dtype, indices [T, K] int32)."""
-        logits = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        logits = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         weights, indices, _ = topk_routing(logits, self.k, self.renormalize)
         return logits, weights.astype(self.dtype), indices

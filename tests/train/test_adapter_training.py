@@ -14,7 +14,7 @@ from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
 from perft_jax.train.optim import OptimConfig, make_optimizer
-from perft_jax.train.step import loss_fn, train_step
+from perft_jax.train.step import loss_fn, train_step, train_step_fn
 
 SETUPS = {
     "perft_s": PerftConfig(variant="perft_s"),
@@ -109,7 +109,7 @@ def test_a_fresh_model_compiles_the_step_once():
     perft = PerftConfig(variant="perft_r", num_adapters=4, top_k=2, dropout=0.1)  # shapes no other test uses
     model = attach_perft(init_model(cfg, seed=0), perft, seed=0)
     optimizer = make_optimizer(model, OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"))
-    before = train_step.jitted_fn._cache_size()
+    before = train_step_fn._cache_size()
     for seed in range(3):
         train_step(model, optimizer, _batch(seed), cfg, perft)
-    assert train_step.jitted_fn._cache_size() == before + 1
+    assert train_step_fn._cache_size() == before + 1

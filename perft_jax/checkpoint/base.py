@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax
 
 from perft_jax.errors import UserError
 from perft_jax.models.config import ModelConfig
@@ -35,6 +36,7 @@ from perft_jax.models.config import ModelConfig
 FORMAT = "perft-jax-base-checkpoint"
 VERSION = 1
 MANIFEST = "perft_model.json"
+_READ_BLOCK_BYTES = 256 * 1024**2  # host memory a restore holds beside the arrays it has placed
 
 
 def group_names(cfg: ModelConfig) -> list[str]:
@@ -182,17 +184,68 @@ def return_freed_memory() -> None:
 
 def restore_groups(ckpt_dir: pathlib.Path, groups: list[str], abstract_state: dict) -> dict:
     """Restore every group into the shapes/dtypes/shardings of `abstract_state` (a pure dict of
-    `jax.ShapeDtypeStruct` with `.sharding`); orbax casts to the target dtype on the way in."""
+    `jax.ShapeDtypeStruct` with `.sharding`); orbax casts to the target dtype on the way in.
+
+    Onto one device, each array is read block by block into one host buffer that the device array then uses
+    in place (`_AlignedReadHandler`, `device_put(may_alias=True)`): the base is held once, and beside it at most
+    one block. orbax's own `jax.Array` restore (kept for sharded targets, where each process reads only its own
+    shards) reads an array to host memory and copies it to the device: on the CPU host that held up to 3 GiB
+    beside a Mixtral-8x7B-width base, one expert stack twice (issue 11, benchmarks/real.py).
+    """
     restored = jax.tree.map(lambda x: x, abstract_state)  # a mutable copy of the nesting
-    checkpointer = ocp.StandardCheckpointer()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, _AlignedReadHandler()), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
     root = pathlib.Path(ckpt_dir).absolute() / "params"
     for group in groups:
         target = group_subtree(abstract_state, group)
+        on_host = all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) for x in jax.tree.leaves(target))
+        restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype) if on_host
+                                    else ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target)
         try:
-            subtree = checkpointer.restore(root / group, target)
+            subtree = checkpointer.restore(root / group, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args))
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"{root / group}: cannot restore parameter group ({e})") from None
+        if on_host:  # zero-copy: the device arrays take over the aligned host buffers
+            subtree = jax.tree.map(lambda a, x: jax.device_put(a, x.sharding, may_alias=True), subtree, target)
         set_group_subtree(restored, group, subtree)
         return_freed_memory()
     checkpointer.close()
     return restored
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA:CPU adopts such a buffer
+    without copying it (numpy's own allocations start 16 bytes past one, and are copied)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+class _AlignedReadHandler(ocp.type_handlers.NumpyHandler):
+    """orbax's numpy restore, reading each array into an aligned buffer (`_aligned_empty`) `_READ_BLOCK_BYTES`
+    of rows at a time, one array after another; orbax's own reads a group's arrays whole and concurrently."""
+
+    async def deserialize(self, infos, args=None):
+        args = args or [ocp.RestoreArgs()] * len(infos)
+        out = []
+        for info, arg in zip(infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_read_spec(info, use_ocdbt=info.is_ocdbt_checkpoint,
+                                                  metadata_key=self._metadata_key, target_dtype=arg.dtype)
+            t = await ts.open(ts.Spec(spec.json), open=True, context=info.ts_context)
+            array = _aligned_empty(tuple(t.shape), t.dtype.numpy_dtype)
+            if array.ndim == 0:
+                array[...] = await t.read()
+            else:
+                n = array.shape[0]
+                rows = max(1, _READ_BLOCK_BYTES // max(1, array.nbytes // max(n, 1)))
+                for start in range(0, n, rows):
+                    stop = min(start + rows, n)
+                    array[start:stop] = await t[start:stop].read()
+            out.append(array)
+        return out
+
+

@@ -119,6 +119,23 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join(lines)
 
 
+def standalone_main(module_doc: str, prog: str, add_arguments: Callable, run: Callable,
+                    argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.<one>`: that benchmark's own options without the suite's prefix, its tables
+    printed, and the results written as JSON with `--out`."""
+    import argparse
+
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=module_doc.split("\n")[0]), prefix="--")
+    parser.add_argument("--out", type=pathlib.Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    results = run(args)
+    for title, table in results["tables"].items():
+        print(f"## {title}\n\n{table}\n")
+    if args.out is not None:
+        write_json(args.out, results)
+    return 0
+
+
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write to a temporary sibling, then rename: an interrupted run never leaves half a results file."""
     path = pathlib.Path(path)

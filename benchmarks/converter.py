@@ -42,6 +42,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from benchmarks.common import standalone_main
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 OLMOE_CONFIG = REPO / "configs" / "hf" / "olmoe-1b-7b.json"
 GB = 1e9
@@ -57,11 +59,8 @@ def _tensor_specs(config_path: pathlib.Path) -> list[tuple[str, tuple[int, ...]]
     from perft_jax.models.hf_config import read_hf_config_file
 
     cfg, arch, _ = read_hf_config_file(config_path)
-    maps = hf_keys.embed_maps(cfg)
-    for layer in range(cfg.num_layers):
-        maps += hf_keys.layer_maps(cfg, arch, layer, fused_experts=False)
-    maps += hf_keys.head_maps(cfg)
-    return [(key, shape) for tmap in maps for key, shape in zip(tmap.hf_keys, hf_keys.hf_shapes(tmap))]
+    return [(key, shape) for _, maps in hf_keys.group_plan(cfg, arch) for tmap in maps
+            for key, shape in zip(tmap.hf_keys, hf_keys.hf_shapes(tmap))]
 
 
 def _write_shard(path: pathlib.Path, specs: list[tuple[str, tuple[int, ...]]], pool: memoryview, seed: int) -> None:
@@ -372,16 +371,7 @@ def _run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m benchmarks.converter",
-                                                   description=__doc__.split("\n")[0]), prefix="--")
-    parser.add_argument("--out", type=pathlib.Path, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    results = run(args)
-    for title, table in results["tables"].items():
-        print(f"## {title}\n\n{table}")
-    if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return standalone_main(__doc__, "python -m benchmarks.converter", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from flax import nnx
 from benchmarks.common import device_line, environment, markdown_table, matmul_peak_gflops, time_interleaved
 from benchmarks.train_step import BACKENDS
 from perft_jax.models.config import ModelConfig
-from perft_jax.moe.block import SparseMoeBlock
+from perft_jax.models.moe.block import SparseMoeBlock
 
 
 def _block(args, backend: str, dtype: str) -> SparseMoeBlock:

@@ -33,6 +33,7 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.common import standalone_main
 from benchmarks.converter import GB, GIB, REPO, measure
 
 MODELS = {"olmoe": ("olmoe-1b-7b", 16), "mixtral": ("mixtral-8x7b", 32)}  # config name, full depth
@@ -141,7 +142,8 @@ def _rows(result: dict) -> list[str]:
             continue
         label = stage.replace("_", " (") + ")" if "_" in stage else stage
         if "failed" in r:
-            reason = r["failed"].strip().splitlines()[-1][:120] if r["failed"].strip() else "failed"
+            lines = [line for line in r["failed"].strip().splitlines() if "Error" in line] or ["failed"]
+            reason = "killed by the kernel: out of memory" if "exited -9" in r["failed"] else lines[-1][:120]
             rows.append(f"| {label} | failed | – | – | {reason} |")
             continue
         extra = ""
@@ -213,16 +215,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m benchmarks.real",
-                                                   description=__doc__.split("\n")[0]), prefix="--")
-    parser.add_argument("--out", type=pathlib.Path, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    results = run(args)
-    for title, table in results["tables"].items():
-        print(f"## {title}\n\n{table}\n")
-    if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0
+    return standalone_main(__doc__, "python -m benchmarks.real", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

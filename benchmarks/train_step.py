@@ -48,19 +48,22 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import markdown_table, matmul_fn, time_interleaved
-from perft_jax.api import init_model, load_model
+from perft_jax.api import load_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 from perft_jax.models.config import ModelConfig
+from perft_jax.models.decoder import init_model
+from perft_jax.models.moe.experts import DISPATCH
 from perft_jax.models.olmoe import OLMOE
+from perft_jax.optim import OptimConfig
 from perft_jax.perft.adapter_files import load_adapters, save_adapters
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.efficiency import efficiency_report
-from perft_jax.train.optim import OptimConfig, make_optimizer
+from perft_jax.train.optim import make_optimizer
 from perft_jax.train.step import loss_fn, train_step
 
-BACKENDS = ("dense", "capacity", "grouped", "ragged")
+BACKENDS = tuple(DISPATCH)
 
 
 @dataclasses.dataclass(frozen=True)

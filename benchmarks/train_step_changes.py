@@ -8,7 +8,7 @@ between processes; within one interleaved run they are comparable). Variants are
 
 0. before: grouped matmul as one batched einsum over gathered per-block weights, attention as a 5-D GQA
    einsum, LM loss over sliced logits;
-1. + grouped matmul as a loop over the blocks in use (perft_jax/moe/grouped.py);
+1. + grouped matmul as a loop over the blocks in use (perft_jax/models/moe/grouped.py);
 2. + attention as heads-major batched matmuls (perft_jax/models/layers.py);
 3. + LM loss shifting the labels instead of slicing the logits (perft_jax/perft/losses.py): the current code.
 
@@ -28,7 +28,7 @@ import optax
 from benchmarks.common import markdown_table, time_interleaved
 from benchmarks.train_step import BENCHES, PERFT, JaxSide, jax_model, model_config, token_batch
 from perft_jax.models import layers
-from perft_jax.moe import grouped
+from perft_jax.models.moe import grouped
 from perft_jax.perft import losses
 
 

@@ -28,10 +28,10 @@ def train_main(argv: list[str] | None = None) -> int:
             from perft_jax import demo
 
             return demo.run_demo(args.overrides)
-        from perft_jax.config import load_config
+        from perft_jax.build import load_run_config
         from perft_jax.distributed import initialize, is_main_process
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
         initialize(cfg.mesh.distributed)  # before anything touches a device; then only process 0 prints
         if is_main_process():
             print(cfg.to_json())

@@ -3,7 +3,7 @@
     model:      which frozen base (a converted checkpoint, or an HF architecture config for random init)
     perft:      PerftConfig — variant, adapter form, routing           (perft_jax/perft/config.py)
     data:       DataConfig — files, tokenisation, batching              (perft_jax/data/config.py)
-    optim:      OptimConfig — AdamW, schedule, clipping                 (perft_jax/train/optim.py)
+    optim:      OptimConfig — AdamW, schedule, clipping                 (perft_jax/optim.py)
     train:      TrainConfig — steps, accumulation, validation, logging  (below)
     checkpoint: CheckpointConfig — run checkpoints                      (perft_jax/checkpoint/run.py)
     eval:       EvalConfig — benchmarks, generation                     (below)
@@ -19,16 +19,14 @@ import json
 import pathlib
 from typing import Literal
 
-from perft_jax.checkpoint.base import read_manifest
 from perft_jax.checkpoint.run import CheckpointConfig
 from perft_jax.config_parsing import apply_overrides, from_dict, load_yaml, to_dict
 from perft_jax.data.config import DataConfig
 from perft_jax.errors import UserError
-from perft_jax.models.config import ModelConfig
-from perft_jax.models.hf_config import read_hf_config_file
+from perft_jax.models.config import MOE_BACKENDS
+from perft_jax.optim import OptimConfig
 from perft_jax.perft.config import PerftConfig
 from perft_jax.sharding import MeshConfig
-from perft_jax.train.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +38,9 @@ class ModelSection:
     hf_config: str = ""
     tokenizer: str = ""  # default: the checkpoint directory (the converter copies tokenizer files there)
     dtype: Literal["float32", "bfloat16"] | None = None  # base compute + storage dtype; default: as stored
+    param_dtype: Literal["float32", "bfloat16"] | None = None  # base storage dtype, when it differs from `dtype`
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"  # adapters stay float32 under a bf16 base
-    moe_backend: Literal["dense", "capacity", "grouped", "ragged"] | None = None
+    moe_backend: Literal[MOE_BACKENDS] | None = None
     capacity_factor: float | None = None
     init_seed: int = 0  # with hf_config: the base's random init
 
@@ -121,23 +120,6 @@ class Config:
         return json.dumps(to_dict(self), indent=2, sort_keys=True)
 
 
-def model_config(section: ModelSection, prefix: str = "model") -> ModelConfig:
-    """The base's ModelConfig from `model.hf_config` or `model.checkpoint`, without touching weights."""
-    if section.checkpoint:
-        path = pathlib.Path(section.checkpoint)
-        if not path.is_dir():
-            raise UserError(f"{prefix}.checkpoint: no such directory {section.checkpoint!r}")
-        cfg, _ = read_manifest(path)
-    else:
-        path = pathlib.Path(section.hf_config)
-        if not path.is_file():
-            raise UserError(f"{prefix}.hf_config: no such file {section.hf_config!r}")
-        cfg, _, _ = read_hf_config_file(path)
-    changes = {"dtype": section.dtype, "param_dtype": section.dtype, "moe_backend": section.moe_backend,
-               "capacity_factor": section.capacity_factor}
-    return cfg.replace(**{k: v for k, v in changes.items() if v is not None})
-
-
 def _resolve_paths(data: dict, base_dir: pathlib.Path) -> dict:
     """Relative file paths in a config file are relative to that file (then to the working directory)."""
     def resolve(value: str) -> str:
@@ -192,9 +174,9 @@ def read_config_data(path: str | pathlib.Path, _seen: tuple = ()) -> dict:
 
 
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or none: all defaults), apply `key=value` overrides, validate everything."""
+    """Read a YAML config (or none: all defaults), apply `key=value` overrides, validate every section.
+
+    Data only: nothing outside the YAML files is read. `build.load_run_config` also checks the config against
+    the base it names."""
     data = read_config_data(path) if path is not None else {}
-    cfg = from_dict(Config, apply_overrides(data, list(overrides)), "")
-    base = model_config(cfg.model)
-    cfg.perft.check_model(base.num_experts, base.num_experts_per_tok)
-    return cfg
+    return from_dict(Config, apply_overrides(data, list(overrides)), "")

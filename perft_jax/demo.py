@@ -22,8 +22,8 @@ from perft_jax.config import Config, EvalConfig, ModelSection, TrainConfig
 from perft_jax.config_parsing import apply_overrides, from_dict, to_dict
 from perft_jax.data.config import DataConfig
 from perft_jax.data.prompts import train_prompt
+from perft_jax.optim import OptimConfig
 from perft_jax.perft.config import PerftConfig
-from perft_jax.train.optim import OptimConfig
 
 DEMO_DIR = pathlib.Path("runs/demo")
 TASK = "synthetic_compare"  # scored with the boolq rules: first "true"/"false" in the response
@@ -108,11 +108,11 @@ def demo_config(root: pathlib.Path, paths: dict, overrides: list[str]) -> Config
 
 
 def run_demo(overrides: list[str]) -> int:
-    from perft_jax import load_model
+    from perft_jax.build import build_model
     from perft_jax.data.tokenize import load_tokenizer
     from perft_jax.eval.runner import evaluate
     from perft_jax.perft.adapter_files import load_adapters
-    from perft_jax.train.loop import build_model, run_training
+    from perft_jax.train.loop import run_training
 
     root = DEMO_DIR
     for item in overrides:  # the demo's own files follow the run directory when it is overridden
@@ -129,12 +129,11 @@ def run_demo(overrides: list[str]) -> int:
                           run_dir / f"eval_{name}.json", cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
         return result["macro_average"]
 
-    before = accuracy(build_model(cfg), "before")
+    before = accuracy(build_model(cfg.model, cfg.perft, seed=cfg.train.seed), "before")
     summary = run_training(cfg)
     if summary.get("stopped"):
         return 0
-    tuned = load_model(cfg.model.checkpoint, moe_backend=cfg.model.moe_backend)
-    load_adapters(tuned, summary["adapters"])
+    tuned = load_adapters(build_model(cfg.model), summary["adapters"])
     after = accuracy(tuned, "after")
     print(f"\nPERFT-R ({cfg.perft.num_adapters} adapters, top-{cfg.perft.top_k}, D_B={cfg.perft.bottleneck}) "
           f"on {TASK} ({cfg.eval.data_dir}):")

@@ -21,7 +21,7 @@ import pathlib
 import sys
 from typing import Any
 
-from perft_jax import config
+from perft_jax.build import load_run_config, resolve_model_config
 from perft_jax.errors import run_cli
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
@@ -32,8 +32,8 @@ VARIANTS = ("perft_s", "perft_d", "perft_r", "perft_e", "qv_lora")
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> tuple[ModelConfig, PerftConfig, str]:
     """Read a run config (perft_jax/config.py; training configs work as they are) with its overrides;
     returns (model config, PERFT config, where the model config came from)."""
-    cfg = config.load_config(path, overrides)
-    return config.model_config(cfg.model), cfg.perft, cfg.model.checkpoint or cfg.model.hf_config
+    cfg = load_run_config(path, overrides)
+    return resolve_model_config(cfg.model), cfg.perft, cfg.model.checkpoint or cfg.model.hf_config
 
 
 def variant_configs(cfg: PerftConfig) -> list[PerftConfig]:

@@ -1,4 +1,4 @@
-"""Device meshes and logical-axis sharding: the `mesh` config section and the one sharding helper.
+"""Device meshes and logical-axis sharding: the `mesh` config section and the placement of model states.
 
 Every parameter names its axes logically (`axes=("exp", "embed_moe", "mlp_moe")`, see models/layers.py);
 a table of rules (MaxText's `logical_axis_rules`) maps each logical name to zero or more mesh axes:
@@ -6,12 +6,13 @@ a table of rules (MaxText's `logical_axis_rules`) maps each logical name to zero
     mesh axes   data (pure data parallelism), fsdp (data parallelism with sharded weights),
                 expert (expert parallelism; also shards the batch), tensor (sharded matmul widths)
 
-`LogicalSharding(mesh, rules)` turns logical names into `PartitionSpec`s / `NamedSharding`s, places whole
-model states (`state_shardings`) and constrains activations (`shard`). Adapters (`AdapterParam`) and their
-optimizer state are tiny and stay replicated whatever their logical names say, unless `mesh.shard_adapters`
-is set: then they follow the rules like the base (e.g. `adapters: expert` splits the adapter experts over
-`expert`). `shard_model` records the `LogicalSharding` on the model (`model_sharding`), so adapters attached
-later (perft/attach.py `place_like_base`), the optimizer state and the train step place them the same way.
+`LogicalSharding(mesh, rules)` turns logical names into `PartitionSpec`s / `NamedSharding`s and places whole
+model states (`state_shardings`). Trainable variables (a variable type whose class says `placement =
+TRAINABLE`: PERFT's `AdapterParam`) and their optimizer state are tiny and stay replicated whatever their
+logical names say, unless `mesh.shard_adapters` is set: then they follow the rules like the base (e.g.
+`adapters: expert` splits the adapter experts over `expert`). This module knows nothing else of adapters.
+`shard_model` records the `LogicalSharding` on the model (`model_sharding`), so adapters attached later
+(perft/attach.py `place_like_base`), the optimizer state and the train step place them the same way.
 """
 from __future__ import annotations
 
@@ -21,20 +22,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from perft_jax.distributed import DistributedConfig
 from perft_jax.errors import UserError
 
+# The `placement` class attribute of variable types placed as trainable state (`trainable_sharding`).
+TRAINABLE = "trainable"
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical name -> mesh axes (a name, a list of names, or null = replicated). Names used by the models
-# (models/layers.py, moe/, perft/) plus the activation names used by the train step and moe/ep.py.
+# (models/layers.py, models/moe/, perft/) plus the activation names used by the train step and models/moe/ep.py.
 DEFAULT_RULES: dict[str, Any] = {
     # The batch is split over every axis but `tensor`: devices of one expert group hold different rows
-    # and the ring dispatch (moe/ep.py) gathers them (MaxText shards activation_batch over expert too).
+    # and the ring dispatch (models/moe/ep.py) gathers them (MaxText shards activation_batch over expert too).
     "activation_batch": ["data", "fsdp", "expert"],
     "vocab": "tensor",
     "embed": "fsdp",  # FSDP: dense weights split along the model width, gathered by XLA right before use
@@ -62,7 +65,7 @@ class MeshConfig:
     Attributes:
         data, fsdp, expert, tensor: mesh axis sizes; their product must equal the device count, and at
             most one may be -1 ("the rest").
-        expert_dispatch: "ring": experts run under `jax.shard_map` (moe/ep.py) with tokens all-gathered over
+        expert_dispatch: "ring": experts run under `jax.shard_map` (models/moe/ep.py) with tokens all-gathered over
             `expert` and outputs reduce-scattered back; "ragged_a2a": under `jax.shard_map`, each (token,
             choice) pair is sent to the device holding its expert with `jax.lax.ragged_all_to_all` and back
             (GPU/TPU only: XLA:CPU lacks the op); "gspmd": the model's own backend, partitioned by XLA.
@@ -216,15 +219,6 @@ class LogicalSharding:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def shard(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-        """Constrain (under jit) or place (eagerly) `x` by logical names; Explicit axes are resharded."""
-        sharding = self.named_sharding(names, x.shape)
-        if any(t == AxisType.Explicit for t in self.mesh.axis_types):
-            return jax.sharding.reshard(x, sharding)
-        if isinstance(x, jax.core.Tracer):
-            return jax.lax.with_sharding_constraint(x, sharding)
-        return jax.device_put(x, sharding)
-
     def batch_sharding(self, shape: Sequence[int], batch_dim: int = 0) -> NamedSharding:
         """Inputs [B, T] (or [A, B, T] with `batch_dim=1`): rows over the `activation_batch` axes."""
         names = [None] * len(shape)
@@ -232,11 +226,9 @@ class LogicalSharding:
         return self.named_sharding(names, shape, what="data.batch_size")
 
     def variable_sharding(self, path: tuple, var: nnx.Variable) -> NamedSharding:
-        """Where one model variable lives: by its `axes` metadata; untagged variables replicated, adapters
-        as `trainable_sharding` says."""
-        from perft_jax.perft.adapters import AdapterParam  # perft imports models; avoid a cycle at import
-
-        if isinstance(var, AdapterParam):
+        """Where one model variable lives: by its `axes` metadata; untagged variables replicated, trainable
+        ones (`placement = TRAINABLE`) as `trainable_sharding` says."""
+        if getattr(type(var), "placement", None) == TRAINABLE:
             return self.trainable_sharding(path, var)
         return self._by_axes(path, var)
 
@@ -295,8 +287,3 @@ def remember_sharding(model: nnx.Module, sharding: LogicalSharding) -> None:
 def model_sharding(model: nnx.Module) -> LogicalSharding | None:
     """The `LogicalSharding` a model was placed with (`shard_model`, `load_model(mesh=...)`), or None."""
     return getattr(model, "logical_sharding", None)
-
-
-def shard_shapes(x: jax.Array) -> list[tuple[int, ...]]:
-    """Shapes of the shards this process holds (one per addressable device)."""
-    return [tuple(np.shape(s.data)) for s in x.addressable_shards]

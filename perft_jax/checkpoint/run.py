@@ -302,15 +302,9 @@ class PreemptionHandler:
         self.uninstall()
 
 
-def install_preemption_handler(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
-    """Install a `PreemptionHandler` now; call `.uninstall()` (or leave its `with` block) to restore."""
-    return PreemptionHandler(callback).install()
-
-
 def preemption_guard(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
     """`with preemption_guard() as stop: ... if stop.should_stop(): save; break` (a `PreemptionHandler`)."""
     return PreemptionHandler(callback)
 
 
-__all__ = ["CheckpointConfig", "PreemptionHandler", "RestoredRun", "RunCheckpointer", "install_preemption_handler",
-           "preemption_guard"]
+__all__ = ["CheckpointConfig", "PreemptionHandler", "RestoredRun", "RunCheckpointer", "preemption_guard"]

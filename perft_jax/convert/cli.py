@@ -12,6 +12,10 @@ import importlib.util
 import pathlib
 import sys
 
+from perft_jax.api import load_model
+from perft_jax.convert.hf_to_jax import convert_hf_to_jax
+from perft_jax.convert.jax_to_hf import export_hf
+from perft_jax.convert.verify import compare_with_hf
 from perft_jax.errors import UserError, run_cli
 
 
@@ -37,8 +41,6 @@ def run(args: argparse.Namespace) -> None:
     if args.export:
         if args.ckpt is None:
             raise UserError("--export needs --ckpt DIR (a perft-jax base checkpoint)")
-        from perft_jax.api import export_hf, load_model
-
         model = load_model(args.ckpt, dtype=args.dtype)
         export_hf(model, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)
         print(f"exported {args.ckpt} -> {args.out}")
@@ -47,15 +49,11 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--hf-dir DIR is required (or --export --ckpt DIR)")
     if args.verify and importlib.util.find_spec("torch") is None:  # fail before converting, not after
         raise UserError("--verify needs torch (pip install 'perft-jax[hf]')")
-    from perft_jax.convert.hf_to_jax import convert_hf_to_jax
-
     cfg = convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
                             overwrite=args.overwrite, show_progress=not args.no_progress)
     print(f"converted {cfg.model_type} ({cfg.num_layers} layers, {cfg.num_experts} experts, "
           f"{cfg.param_dtype}) {args.hf_dir} -> {args.out}")
     if args.verify:
-        from perft_jax.convert.verify import compare_with_hf
-
         result = compare_with_hf(args.hf_dir, args.out)
         print(f"verify: max |logit diff| {result['max_abs_diff']:.3e}, relative L2 {result['rel_l2']:.3e} "
               f"over {result['tokens']} tokens")

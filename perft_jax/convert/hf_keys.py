@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 import jax
 import numpy as np
 
+from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.models.architecture import Architecture
 from perft_jax.models.config import ModelConfig
 
@@ -167,3 +168,11 @@ def hf_shapes(tmap: TensorMap) -> list[tuple[int, ...]]:
 
 # Buffers some older checkpoints carry that have no parameter behind them.
 IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def group_plan(cfg: ModelConfig, arch: Architecture, fused_experts: bool = False) -> list[tuple[str, list[TensorMap]]]:
+    """Every tensor map, by checkpoint group (checkpoint/base.py `group_names`): embed, layer_000 ..., head; in
+    `save_pretrained` order. The converter writes, the exporter and the converter benchmark read this one plan."""
+    names = base_ckpt.group_names(cfg)
+    layers = [(names[1 + i], layer_maps(cfg, arch, i, fused_experts)) for i in range(cfg.num_layers)]
+    return [(names[0], embed_maps(cfg)), *layers, (names[-1], head_maps(cfg))]

@@ -27,7 +27,8 @@ from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.convert import hf_keys
 from perft_jax.convert.source import FLOAT_DTYPES, TensorSource, open_hf_dir
 from perft_jax.errors import UserError
-from perft_jax.models import Architecture, ModelConfig
+from perft_jax.io import atomic_directory
+from perft_jax.models import ModelConfig
 from perft_jax.models.hf_config import read_hf_config_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -39,12 +40,6 @@ BLOCK_BYTES = 64 * 1024**2  # expert-stack rows built and written at once (at le
 def _source_dtype(raw_config: dict[str, Any]) -> str:
     name = str(raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32").removeprefix("torch.")
     return name if name in NUMPY_DTYPES else "float32"
-
-
-def _plan(cfg: ModelConfig, arch: Architecture, fused: bool) -> list[tuple[str, list[hf_keys.TensorMap]]]:
-    plan = [("embed", hf_keys.embed_maps(cfg))]
-    plan += [(f"layer_{i:03d}", hf_keys.layer_maps(cfg, arch, i, fused)) for i in range(cfg.num_layers)]
-    return plan + [("head", hf_keys.head_maps(cfg))]
 
 
 def _check_tensors(source: TensorSource, plan, cfg: ModelConfig, where: str) -> None:
@@ -124,8 +119,8 @@ def _build_group(source: TensorSource, maps, dtype, progress: tqdm) -> dict:
     return _nest(flat)
 
 
-def prepare_output(out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
-    """Refuse to clobber a checkpoint; return a fresh temporary sibling to build into."""
+def check_output(out_dir: pathlib.Path, overwrite: bool) -> None:
+    """Refuse to clobber a checkpoint (or other files) at `out_dir` unless `overwrite`."""
     out_dir = pathlib.Path(out_dir).absolute()
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -133,23 +128,6 @@ def prepare_output(out_dir: pathlib.Path, overwrite: bool) -> pathlib.Path:
         if any(out_dir.iterdir()) and not overwrite:
             what = "a checkpoint" if base_ckpt.is_base_checkpoint(out_dir) else "files"
             raise UserError(f"{out_dir}: already holds {what}; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output(tmp: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Move a finished build into place; an old directory is only removed once the new one is there."""
-    out_dir = pathlib.Path(out_dir).absolute()
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
@@ -175,10 +153,10 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
     source = open_hf_dir(hf_dir, allow_pickle=allow_pickle)
     try:
         fused = any(k.endswith(".experts.gate_up_proj") for k in source.keys())
-        plan = _plan(cfg, arch, fused)
+        plan = hf_keys.group_plan(cfg, arch, fused)
         _check_tensors(source, plan, cfg, str(hf_dir))
-        tmp = prepare_output(out_dir, overwrite)
-        try:
+        check_output(out_dir, overwrite)
+        with atomic_directory(out_dir) as tmp:
             total = sum(len(m.hf_keys) for _, maps in plan for m in maps)
             with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as progress:
                 for group, maps in plan:
@@ -191,10 +169,6 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
                     shutil.copy2(hf_dir / name, tmp / name)
             base_ckpt.write_manifest(tmp, cfg, {"source": {"hf_dir": str(hf_dir.absolute()),
                                                            "expert_layout": "fused" if fused else "per_expert"}})
-            commit_output(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         source.close()
     return cfg

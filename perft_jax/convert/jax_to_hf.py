@@ -16,16 +16,14 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from perft_jax.convert import hf_keys
-from perft_jax.convert.hf_to_jax import commit_output, prepare_output
+from perft_jax.convert.hf_to_jax import check_output
+from perft_jax.io import atomic_directory
 from perft_jax.models import ARCHITECTURES
 from perft_jax.models.decoder import MoeForCausalLM
 
 
 def _all_maps(cfg, arch) -> list[hf_keys.TensorMap]:
-    maps = hf_keys.embed_maps(cfg)
-    for layer in range(cfg.num_layers):
-        maps += hf_keys.layer_maps(cfg, arch, layer, fused_experts=False)
-    return maps + hf_keys.head_maps(cfg)
+    return [tmap for _, maps in hf_keys.group_plan(cfg, arch) for tmap in maps]
 
 
 def _lookup(pure_state: dict, path: tuple):
@@ -55,8 +53,8 @@ def export_hf(model: MoeForCausalLM, out_dir: str | os.PathLike, max_shard_bytes
         shard_bytes += size
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    tmp = prepare_output(pathlib.Path(out_dir), overwrite)
-    try:
+    check_output(pathlib.Path(out_dir), overwrite)
+    with atomic_directory(out_dir) as tmp:
         weight_map = {}
         for name, shard in zip(names, shards):
             tensors = {}
@@ -73,10 +71,4 @@ def export_hf(model: MoeForCausalLM, out_dir: str | os.PathLike, max_shard_bytes
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         hf_config = {"architectures": [arch.hf_class_name], **arch.config_to_hf(cfg), "dtype": cfg.param_dtype}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        commit_output(tmp, pathlib.Path(out_dir))
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return pathlib.Path(out_dir)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from perft_jax.api import load_model
 from perft_jax.errors import UserError
 
 
@@ -15,11 +18,6 @@ def compare_with_hf(hf_dir: pathlib.Path, ckpt_dir: pathlib.Path, seq_len: int =
         import transformers
     except ImportError:
         raise UserError("--verify needs torch (pip install 'perft-jax[hf]')") from None
-    import jax
-    import jax.numpy as jnp
-
-    from perft_jax.api import load_model
-
     model = load_model(ckpt_dir, dtype="float32")
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=(2, seq_len))
     with jax.default_matmul_precision("float32"):

@@ -6,11 +6,14 @@ import pathlib
 
 import jax
 
+from perft_jax.build import build_model
 from perft_jax.config import Config
 from perft_jax.data.tokenize import load_tokenizer
 from perft_jax.distributed import initialize, is_main_process
 from perft_jax.errors import UserError
-from perft_jax.sharding import run_sharding, shard_model
+from perft_jax.eval.runner import evaluate
+from perft_jax.perft.adapter_files import load_adapters
+from perft_jax.sharding import run_sharding
 
 
 def run_evaluation(cfg: Config) -> dict:
@@ -25,15 +28,9 @@ def run_evaluation(cfg: Config) -> dict:
 
 
 def _run_evaluation(cfg: Config, sharding) -> dict:
-    from perft_jax.eval.runner import evaluate
-    from perft_jax.perft.adapter_files import load_adapters
-    from perft_jax.train.loop import build_base_model
-
-    model = build_base_model(cfg, sharding)
+    model = build_model(cfg.model, None, sharding, expert_dispatch=cfg.mesh.expert_dispatch)
     if cfg.eval.adapters:
-        load_adapters(model, cfg.eval.adapters)
-        if sharding is not None:  # the adapters' dropout RNG state too, beside the adapters
-            shard_model(model, sharding)
+        load_adapters(model, cfg.eval.adapters)  # attached where the base says, as build_model would
     tokenizer_path = cfg.model.tokenizer or cfg.model.checkpoint
     if not tokenizer_path:
         raise UserError("model.tokenizer: needed when the base comes from model.hf_config")

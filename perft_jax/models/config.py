@@ -53,8 +53,7 @@ class ModelConfig:
     # softmaxes and the router always run in float32, as in the HF reference.
     param_dtype: str = "float32"
     dtype: str = "float32"
-    # MoE dispatch backend: "dense" (every expert on every token; the reference), "capacity"
-    # (einsum dispatch into per-expert buffers; may drop tokens), "ragged" (sort + lax.ragged_dot).
+    # MoE dispatch backend, one of MOE_BACKENDS (models/moe/experts.py describes each).
     moe_backend: str = "dense"
     capacity_factor: float = 2.0
     # Recompute each decoder layer's activations in the backward pass (memory for compute).

@@ -18,7 +18,7 @@ from flax import nnx
 
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.layers import Attention, Embed, Linear, RMSNorm, cached_causal_mask, causal_mask, rope_tables
-from perft_jax.moe.block import SparseMoeBlock
+from perft_jax.models.moe.block import SparseMoeBlock
 
 
 @flax.struct.dataclass
@@ -171,3 +171,17 @@ def _cache_step(cache: KVCache, attention_mask: jax.Array | None, position_ids: 
     new_cache = cache.replace(key_mask=key_mask, length=cache.length + t,
                               positions=cache.positions + real.sum(axis=1, dtype=jnp.int32))
     return new_cache, position_ids, mask
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
+    """A randomly initialised model (tests, benchmarks, the demo's tiny base), committed to the first local
+    device like a restored one: a jitted step writes its state back committed, and uncommitted inputs on the
+    first call would compile the step a second time."""
+    model = MoeForCausalLM(cfg, nnx.Rngs(seed))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
+    return model
+
+
+def abstract_model(cfg: ModelConfig) -> MoeForCausalLM:
+    """The model's structure with `ShapeDtypeStruct` leaves: no memory, no compute."""
+    return nnx.eval_shape(lambda: MoeForCausalLM(cfg, nnx.Rngs(0)))

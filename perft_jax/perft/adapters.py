@@ -7,7 +7,7 @@ or optimizer state.
 An :class:`AdapterBank` holds M adapter experts of one form with stacked weights. Always-on and
 DynMoLE-gated banks run every adapter on every token, combined with per-token gates [T, M]. Top-k routed
 banks (PERFT-R, PERFT-E) run only the chosen K of M per token (`routed`): rows sorted by adapter into
-fixed-size blocks (moe/grouped.py), so cost follows K, not M.
+fixed-size blocks (models/moe/grouped.py), so cost follows K, not M.
 
 Shapes: T tokens, D model width, M adapter experts, R bottleneck (LoRA rank r or adapter width D_B).
 Weights are stored (in, out), i.e. the reference PyTorch `nn.Linear` weights transposed.
@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from perft_jax.moe import grouped
+from perft_jax.models.moe import grouped
 from perft_jax.perft.config import PerftConfig
+from perft_jax.sharding import TRAINABLE
 
 # As HF's ACT2FN, which the reference resolves `hidden_act` through: "gelu" is the exact (erf) form.
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -30,6 +31,8 @@ ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": functools.parti
 
 class AdapterParam(nnx.Param):
     """A trainable PERFT parameter (adapter matrices and adapter routers); everything else stays frozen."""
+
+    placement = TRAINABLE  # on a mesh: replicated, or by its axes with mesh.shard_adapters (sharding.py)
 
 
 def first_matrix_init(key, shape, dtype) -> jax.Array:

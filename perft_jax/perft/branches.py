@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from perft_jax.moe.routing import topk_routing
+from perft_jax.models.moe.routing import topk_routing
 from perft_jax.perft.adapters import AdapterBank, AdapterParam
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.dynmole import dynmole_routing

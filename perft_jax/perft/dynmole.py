@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from perft_jax.errors import UserError
-from perft_jax.moe.routing import RouterLogits, as_layers, pool_router_rows
+from perft_jax.models.moe.routing import RouterLogits, as_layers, pool_router_rows
 
 
 @dataclasses.dataclass(frozen=True)

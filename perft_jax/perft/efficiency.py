@@ -23,9 +23,9 @@ import math
 import jax
 from flax import nnx
 
-from perft_jax.api import init_model
 from perft_jax.models.config import ModelConfig
-from perft_jax.moe.experts import Experts
+from perft_jax.models.decoder import init_model
+from perft_jax.models.moe.experts import Experts
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig

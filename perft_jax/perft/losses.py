@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from perft_jax.data.tokenize import IGNORE_INDEX
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeLMOutput
-from perft_jax.moe.routing import load_balancing_loss
+from perft_jax.models.moe.routing import load_balancing_loss
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.dynmole import dynmole_aux_loss
-
-IGNORE_INDEX = -100
 
 
 def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -18,57 +18,28 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from perft_jax.api import init_model, load_model
+from perft_jax.build import build_model
 from perft_jax.checkpoint.run import RunCheckpointer, preemption_guard
-from perft_jax.config import Config, model_config
+from perft_jax.config import Config
 from perft_jax.data.batching import BatchIterator, RaggedRows, eval_batches
 from perft_jax.data.dataset import build_training_data
-from perft_jax.data.tokenize import load_tokenizer
+from perft_jax.data.tokenize import IGNORE_INDEX, load_tokenizer
 from perft_jax.distributed import any_process, global_batch, initialize
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import MoeForCausalLM
-from perft_jax.moe.ep import configure_expert_dispatch
+from perft_jax.optim import learning_rate_schedule
 from perft_jax.perft.adapter_files import save_adapters
 from perft_jax.perft.adapters import AdapterParam
-from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.efficiency import efficiency_report, format_report
-from perft_jax.sharding import LogicalSharding, run_sharding, shard_model
+from perft_jax.sharding import LogicalSharding, run_sharding
 from perft_jax.train.metrics import MetricsWriter, draw_router_heatmaps
-from perft_jax.train.optim import learning_rate_schedule, make_optimizer
+from perft_jax.train.optim import make_optimizer
 from perft_jax.train.router_stats import RouterStatsAccumulator, router_stats_scalars
 from perft_jax.train.step import eval_step, train_step
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left as it was."""
-
-
-def build_base_model(cfg: Config, sharding: LogicalSharding | None = None) -> MoeForCausalLM:
-    """The frozen base of `cfg.model`: restored from a converted checkpoint, or randomly initialised.
-
-    With `sharding` (a device mesh, see `run_sharding`), a checkpoint is restored straight onto the mesh.
-    """
-    section = cfg.model
-    mesh_args = {} if sharding is None else dict(mesh=sharding.mesh, rules=dict(sharding.rules),
-                                                  expert_dispatch=cfg.mesh.expert_dispatch)
-    if section.checkpoint:
-        return load_model(section.checkpoint, dtype=section.dtype, moe_backend=section.moe_backend,
-                          capacity_factor=section.capacity_factor, **mesh_args)
-    model = init_model(model_config(section), seed=section.init_seed)
-    if sharding is not None:  # a random base (tests, benchmarks) is built whole, then placed
-        shard_model(model, sharding)
-        configure_expert_dispatch(model, sharding, cfg.mesh.expert_dispatch)
-    return model
-
-
-def build_model(cfg: Config, sharding: LogicalSharding | None = None) -> MoeForCausalLM:
-    model = build_base_model(cfg, sharding)
-    if cfg.train.remat:  # the decoder reads this flag at call time; the weights are unaffected
-        model.config = model.config.replace(remat=True)
-    attach_perft(model, cfg.perft, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.adapter_dtype))
-    if sharding is not None:  # adapters (replicated, or by the rules with mesh.shard_adapters) and dropout RNG state
-        shard_model(model, sharding)
-    return model
 
 
 def _save_adapters(model: MoeForCausalLM, out_dir: pathlib.Path, sharding: LogicalSharding | None,
@@ -121,7 +92,7 @@ def _next_batch(iterator: BatchIterator, accum: int, sharding: LogicalSharding |
 
 def _left_pad(batch: dict, length: int, pad_id: int) -> dict:
     extra = length - batch["input_ids"].shape[1]
-    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
     return {k: np.pad(v, ((0, 0), (extra, 0)), constant_values=fill[k]) for k, v in batch.items()}
 
 
@@ -145,7 +116,8 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_writer:
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-    model = build_model(cfg, sharding)
+    model = build_model(cfg.model, cfg.perft, sharding, expert_dispatch=cfg.mesh.expert_dispatch, seed=cfg.train.seed,
+                        remat=cfg.train.remat)
     if is_writer:
         print(format_report(efficiency_report(model.config, cfg.perft)))
 
@@ -165,7 +137,7 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
     optimizer = make_optimizer(model, optim_cfg)
     schedule = learning_rate_schedule(optim_cfg)
 
-    checkpointer = RunCheckpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"), cfg.checkpoint)
+    checkpointer = RunCheckpointer(cfg.checkpoint.resolve_directory(run_dir), cfg.checkpoint)
     step, best = 0, {"val_loss": None, "step": None}
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(model, optimizer)

@@ -29,7 +29,7 @@ import numpy as np
 
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeLMOutput
-from perft_jax.moe.routing import topk_routing
+from perft_jax.models.moe.routing import topk_routing
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.dynmole import dynmole_routing, tsallis_entropy
 

@@ -1,4 +1,4 @@
-"""Tests for perft_jax.moe.routing (top-K gating, HF load-balancing loss parity) and perft_jax.perft.dynmole.
+"""Tests for perft_jax.models.moe.routing (top-K gating, HF load-balancing loss parity) and perft_jax.perft.dynmole.
 
 Golden numbers come from spec/DYNMOLE.md (§1 calibration table, §2 worked examples and simulation table,
 §3 toy check) and are compared to the digits printed there; HF parity uses transformers' own
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perft_jax.moe.routing import load_balancing_loss, topk_routing
+from perft_jax.models.moe.routing import load_balancing_loss, topk_routing
 from perft_jax.perft.dynmole import (
     DynMoLEConfig,
     dynmole_aux_loss,

@@ -30,18 +30,25 @@ jax.config.update("jax_default_matmul_precision", "float32")
 
 from perft_jax import load_model  # noqa: E402
 from perft_jax.errors import UserError  # noqa: E402
-from perft_jax.moe.ep import (  # noqa: E402
+from perft_jax.models.moe.ep import (  # noqa: E402
     RaggedAllToAll,
     emulated_ragged_all_to_all,
     enable_expert_parallelism,
     ragged_all_to_all,
 )
+from perft_jax.optim import OptimConfig  # noqa: E402
 from perft_jax.perft.adapters import AdapterParam  # noqa: E402
 from perft_jax.perft.attach import place_like_base  # noqa: E402
 from perft_jax.perft.config import PerftConfig  # noqa: E402
-from perft_jax.sharding import DEFAULT_RULES, LogicalSharding, MeshConfig, build_mesh, shard_shapes  # noqa: E402
-from perft_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
+from perft_jax.sharding import DEFAULT_RULES, LogicalSharding, MeshConfig, build_mesh  # noqa: E402
+from perft_jax.train.optim import make_optimizer  # noqa: E402
 from perft_jax.train.step import train_step  # noqa: E402
+
+
+def shard_shapes(x: jax.Array) -> list[tuple[int, ...]]:
+    """Shapes of the shards this process holds (one per addressable device)."""
+    return [tuple(np.shape(s.data)) for s in x.addressable_shards]
+
 
 # Mesh -> the MoE backend the ring runs on each device's experts. Every result is compared with the dense
 # single-device reference: at capacity factor 4 nothing is dropped, and then all backends compute the same.

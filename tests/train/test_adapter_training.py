@@ -10,10 +10,11 @@ from flax import nnx
 
 from perft_jax import ModelConfig, export_hf, init_model, load_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
+from perft_jax.optim import OptimConfig
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
-from perft_jax.train.optim import OptimConfig, make_optimizer
+from perft_jax.train.optim import make_optimizer
 from perft_jax.train.step import loss_fn, train_step, train_step_fn
 
 SETUPS = {

@@ -14,10 +14,10 @@ from perft_jax import ModelConfig, UserError, init_model
 from perft_jax.checkpoint.run import CheckpointConfig, PreemptionHandler, RunCheckpointer, preemption_guard
 from perft_jax.data.batching import BatchIterator, RaggedRows
 from perft_jax.data.config import DataConfig
+from perft_jax.optim import OptimConfig, make_transform
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
-from perft_jax.train.optim import OptimConfig, make_transform
 from perft_jax.train.step import train_step
 
 MODEL = ModelConfig(model_type="olmoe", vocab_size=512, hidden_size=32, intermediate_size=16, num_layers=2,

@@ -23,9 +23,10 @@ from flax import nnx
 from perft_jax.eval import generate as gen
 from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.models.hf_config import read_hf_config_file
+from perft_jax.optim import OptimConfig
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
-from perft_jax.train.optim import OptimConfig, make_optimizer
+from perft_jax.train.optim import make_optimizer
 from perft_jax.train.step import eval_step_fn, split_model, train_step_fn
 from tests.testing_utils import CONFIGS
 

@@ -140,7 +140,7 @@ def scatter_rows(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
 
 def _zeros_varying_like(shape, dtype, *operands) -> jax.Array:
     """Zeros that vary over the same manual mesh axes as `operands`. Inside `shard_map` (expert parallelism,
-    moe/ep.py), a loop's carry must start with the axes its body's result varies over."""
+    models/moe/ep.py), a loop's carry must start with the axes its body's result varies over."""
     axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in operands))
     zeros = jnp.zeros(shape, dtype)
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros

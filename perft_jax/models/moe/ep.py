@@ -42,14 +42,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from perft_jax.errors import UserError
-from perft_jax.moe.experts import (
-    Experts,
-    capacity,
-    capacity_dispatch,
-    dense_dispatch,
-    grouped_dispatch,
-    ragged_dispatch,
-)
+from perft_jax.models.moe.experts import DISPATCH, Experts, capacity
 from perft_jax.sharding import LogicalSharding
 
 EXPERT_AXIS = "expert"
@@ -108,13 +101,7 @@ class RingOfExperts:
 
 def _local_experts(backend: str, x, weights, indices, gate_up, down, valid, capacity_factor: float, cap: int):
     """The model's backend on this device's experts: x [N, D], weights/indices/valid [N, K] (local ids)."""
-    if backend == "dense":
-        return dense_dispatch(x, weights, indices, gate_up, down, valid)
-    if backend == "capacity":
-        return capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor, valid, cap)
-    if backend == "grouped":
-        return grouped_dispatch(x, weights, indices, gate_up, down, valid)
-    return ragged_dispatch(x, weights, indices, gate_up, down, valid)
+    return DISPATCH[backend](x, weights, indices, gate_up, down, valid, capacity_factor=capacity_factor, cap=cap)
 
 
 def _num_shards(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:

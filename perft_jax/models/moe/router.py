@@ -11,7 +11,7 @@ from flax import nnx
 
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.layers import matmul, normal_init
-from perft_jax.moe.routing import topk_routing
+from perft_jax.models.moe.routing import topk_routing
 
 
 class TopKRouter(nnx.Module):

@@ -1,4 +1,4 @@
-"""Sorted, block-padded grouped matmul (moe/grouped.py) and the routed adapter bank built on it."""
+"""Sorted, block-padded grouped matmul (models/moe/grouped.py) and the routed adapter bank built on it."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from perft_jax.moe import grouped
+from perft_jax.models.moe import grouped
 from perft_jax.perft.adapters import AdapterBank
 from perft_jax.perft.config import PerftConfig
 

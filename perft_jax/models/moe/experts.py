@@ -1,16 +1,17 @@
-"""Stacked SwiGLU experts and the three ways of dispatching tokens to them.
+"""Stacked SwiGLU experts and the ways of dispatching tokens to them, one table of backends (`DISPATCH`).
 
 Weights are stored experts-axis first: `gate_up` [E, D, 2I] (gate in the first I columns, up in the
 last I — HF's fused `gate_up_proj` transposed) and `down` [E, I, D]. One fused gate/up matmul
 instead of two halves the number of expert matmuls.
 
-Backends (`ModelConfig.moe_backend`), all computing y_t = sum_k w_tk * E_{i_tk}(x_t):
+Backends (`ModelConfig.moe_backend`: a key of `DISPATCH`), all computing y_t = sum_k w_tk * E_{i_tk}(x_t), all
+with one signature `(x, weights, indices, gate_up, down, valid=None, *, capacity_factor, cap=None)`:
 - `dense`: every expert on every token, combined with a [T, E] weight matrix. The reference: simple,
   exact, and E/K times the FLOPs of the sparse forms.
 - `capacity`: each (token, choice) pair gets a slot in a per-expert buffer [E, C, D] with
   C = ceil(T*K/E * capacity_factor); one batched einsum runs all experts; pairs past an expert's
   capacity are dropped (counted in `dropped`). Needs a capacity factor that fits the routing to be exact.
-- `grouped`: pairs sorted by expert into fixed-size blocks (moe/grouped.py), a loop of [b, D] x [D, F]
+- `grouped`: pairs sorted by expert into fixed-size blocks (models/moe/grouped.py), a loop of [b, D] x [D, F]
   matmuls over the blocks in use; dropless, under one block of padding per expert. Fastest on CPU.
 - `ragged`: pairs sorted by expert and run through `jax.lax.ragged_dot` (grouped matmul); dropless.
   Meant for GPU/TPU.
@@ -25,7 +26,7 @@ from flax import nnx
 
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.layers import normal_init
-from perft_jax.moe import grouped
+from perft_jax.models.moe import grouped
 
 
 def _swiglu(h: jax.Array) -> jax.Array:
@@ -33,11 +34,13 @@ def _swiglu(h: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def dense_dispatch(x, weights, indices, gate_up, down, valid=None):
+def dense_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
+                   cap: int | None = None):
     """x [T, D], weights/indices [T, K] -> (y [T, D], dropped int32 scalar).
 
-    `valid` [T, K] bool (all backends): only these pairs are computed; expert parallelism (moe/ep.py)
+    `valid` [T, K] bool (all backends): only these pairs are computed; expert parallelism (models/moe/ep.py)
     passes the pairs whose expert this device holds, with the others' indices clipped into range.
+    `capacity_factor` / `cap` size the capacity backend's buffers; the dropless backends take and ignore them.
     """
     num_experts = gate_up.shape[0]
     if valid is not None:
@@ -53,7 +56,7 @@ def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) 
     return max(1, math.ceil(num_tokens * k / num_experts * capacity_factor))
 
 
-def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float, valid=None,
+def capacity_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float,
                       cap: int | None = None):
     """Capacity-buffer dispatch; see module docstring. Returns (y [T, D], dropped pairs).
 
@@ -82,8 +85,9 @@ def capacity_dispatch(x, weights, indices, gate_up, down, capacity_factor: float
     return y, jnp.sum(flat_valid & ~keep).astype(jnp.int32)
 
 
-def grouped_dispatch(x, weights, indices, gate_up, down, valid=None):
-    """Sorted fixed-size blocks, one matmul per block (moe/grouped.py). Dropless."""
+def grouped_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
+                     cap: int | None = None):
+    """Sorted fixed-size blocks, one matmul per block (models/moe/grouped.py). Dropless."""
     t, k = indices.shape
     num_experts = gate_up.shape[0]
     if valid is not None:  # other devices' pairs: an extra group past the real ones, weighted zero
@@ -97,7 +101,8 @@ def grouped_dispatch(x, weights, indices, gate_up, down, valid=None):
     return out.reshape(t, k, -1).sum(axis=1), jnp.zeros((), jnp.int32)
 
 
-def ragged_dispatch(x, weights, indices, gate_up, down, valid=None):
+def ragged_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
+                    cap: int | None = None):
     """Sort pairs by expert, grouped matmul with `lax.ragged_dot`, unsort. Dropless."""
     t, k = indices.shape
     num_experts = gate_up.shape[0]
@@ -116,6 +121,12 @@ def ragged_dispatch(x, weights, indices, gate_up, down, valid=None):
     return jnp.einsum("tkd,tk->td", per_pair, weights), jnp.zeros((), jnp.int32)
 
 
+# Backend name -> dispatch. `models.config.MOE_BACKENDS` and the config's `Literal` list these names
+# (tests/models/moe/test_dispatch.py holds them equal).
+DISPATCH = {"dense": dense_dispatch, "capacity": capacity_dispatch, "grouped": grouped_dispatch,
+            "ragged": ragged_dispatch}
+
+
 class Experts(nnx.Module):
     """E SwiGLU experts, stacked; `__call__` dispatches with the configured backend."""
 
@@ -128,7 +139,7 @@ class Experts(nnx.Module):
         self.backend = cfg.moe_backend
         self.capacity_factor = cfg.capacity_factor
         self.dtype = cfg.jnp_dtype
-        # Expert parallelism over a mesh (moe/ep.py `enable_expert_parallelism`); None: single program.
+        # Expert parallelism over a mesh (models/moe/ep.py `enable_expert_parallelism`); None: single program.
         self.parallel = None
 
     def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -138,10 +149,4 @@ class Experts(nnx.Module):
         weights = weights.astype(self.dtype)
         if self.parallel is not None:
             return self.parallel(x, weights, indices, gate_up, down, self.backend, self.capacity_factor)
-        if self.backend == "dense":
-            return dense_dispatch(x, weights, indices, gate_up, down)
-        if self.backend == "capacity":
-            return capacity_dispatch(x, weights, indices, gate_up, down, self.capacity_factor)
-        if self.backend == "grouped":
-            return grouped_dispatch(x, weights, indices, gate_up, down)
-        return ragged_dispatch(x, weights, indices, gate_up, down)
+        return DISPATCH[self.backend](x, weights, indices, gate_up, down, capacity_factor=self.capacity_factor)

@@ -12,8 +12,8 @@ import jax
 from flax import nnx
 
 from perft_jax.models.config import ModelConfig
-from perft_jax.moe.experts import Experts
-from perft_jax.moe.router import TopKRouter
+from perft_jax.models.moe.experts import Experts
+from perft_jax.models.moe.router import TopKRouter
 
 
 @flax.struct.dataclass

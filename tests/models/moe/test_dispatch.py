@@ -1,14 +1,25 @@
 """Every MoE dispatch backend equals a per-expert loop reference, forward and backward (float32)."""
 from __future__ import annotations
 
+import typing
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perft_jax.moe.experts import capacity, capacity_dispatch, dense_dispatch, grouped_dispatch, ragged_dispatch
-from perft_jax.moe.routing import topk_routing
+from perft_jax.config import ModelSection
+from perft_jax.models.config import MOE_BACKENDS
+from perft_jax.models.moe.experts import (
+    DISPATCH,
+    capacity,
+    capacity_dispatch,
+    dense_dispatch,
+    grouped_dispatch,
+    ragged_dispatch,
+)
+from perft_jax.models.moe.routing import topk_routing
 
 T, D, I, E, K = 24, 16, 8, 6, 2
 
@@ -90,3 +101,11 @@ def test_capacity_drops_overflow_and_counts_it():
     kept[4:, 0] = 0
     want = loop_reference(x, np.asarray(weights) * kept, np.asarray(indices), gate_up, down)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_list_of_backends():
+    """The dispatch table is the list: the model config's and the run config's choices are its keys."""
+    assert MOE_BACKENDS == tuple(DISPATCH)
+    hint = typing.get_type_hints(ModelSection)["moe_backend"]
+    assert set(typing.get_args(typing.get_args(hint)[0])) == set(DISPATCH)
+    assert set(BACKENDS) == set(DISPATCH)  # every backend is tested here

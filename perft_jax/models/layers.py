@@ -21,14 +21,16 @@ def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
-def _contract(x: jax.Array, w: jax.Array, x_dim: int, w_dim: int) -> jax.Array:
-    """x and w contracted over one dimension each, accumulated and returned in float32."""
-    return jax.lax.dot_general(x, w, (((x_dim,), (w_dim,)), ((), ())), preferred_element_type=jnp.float32)
+def _contract(x: jax.Array, w: jax.Array, x_dim: int, w_dim: int, batch: int = 0) -> jax.Array:
+    """x and w contracted over one dimension each (their first `batch` dimensions paired), in float32."""
+    b = tuple(range(batch))
+    return jax.lax.dot_general(x, w, (((x_dim,), (w_dim,)), (b, b)), preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
     """x [..., K] @ w [K, N] (w [N, K] with `transpose_w`) -> [..., N] in x's dtype, accumulated in float32.
+    With a stacked w [E, K, N] (the experts), x is [E, C, K] and each of the E products is taken separately.
 
     Every matmul against a base weight goes through here. Numerically it is the plain product (bfloat16 inputs
     accumulate in float32 and round once, as XLA's and PyTorch's bfloat16 matmuls do; float32 is unchanged).
@@ -38,7 +40,8 @@ def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
     the backward: 2x the bfloat16 base in temporaries (issue 11). Here the backward contracts `w` in place,
     in its own dtype. dW is computed too; XLA drops it when `w` is frozen (not differentiated).
     """
-    return _contract(x, w, x.ndim - 1, 1 if transpose_w else 0).astype(x.dtype)
+    batch = w.ndim - 2
+    return _contract(x, w, x.ndim - 1, batch + (1 if transpose_w else 0), batch).astype(x.dtype)
 
 
 def _matmul_fwd(x, w, transpose_w):
@@ -47,10 +50,12 @@ def _matmul_fwd(x, w, transpose_w):
 
 def _matmul_bwd(transpose_w, residuals, g):
     x, w = residuals
+    batch = w.ndim - 2
     g = g.astype(x.dtype)
-    dx = _contract(g, w, g.ndim - 1, 0 if transpose_w else 1).astype(x.dtype)
-    rows, grads = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = _contract(grads, rows, 0, 0) if transpose_w else _contract(rows, grads, 0, 0)
+    dx = _contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch).astype(x.dtype)
+    lead = x.shape[:batch]
+    rows, grads = x.reshape(*lead, -1, x.shape[-1]), g.reshape(*lead, -1, g.shape[-1])
+    dw = _contract(grads, rows, batch, batch, batch) if transpose_w else _contract(rows, grads, batch, batch, batch)
     return dx, dw.astype(w.dtype)
 
 

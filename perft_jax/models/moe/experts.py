@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perft_jax.models.config import ModelConfig
-from perft_jax.models.layers import normal_init
+from perft_jax.models.layers import matmul, normal_init
 from perft_jax.models.moe import grouped
 
 
@@ -45,8 +45,9 @@ def dense_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_f
     num_experts = gate_up.shape[0]
     if valid is not None:
         weights = jnp.where(valid, weights, 0)
-    h = _swiglu(jnp.einsum("td,edf->etf", x, gate_up))  # [E, T, I]
-    y_all = jnp.einsum("eti,eid->etd", h, down)  # [E, T, D]
+    # Batched over the experts (x broadcast to each), through the base matmul: no float32 copy of the weights.
+    h = _swiglu(matmul(jnp.broadcast_to(x, (num_experts,) + x.shape), gate_up))  # [E, T, I]
+    y_all = matmul(h, down)  # [E, T, D]
     combine = jnp.zeros((x.shape[0], num_experts), weights.dtype)
     combine = combine.at[jnp.arange(x.shape[0])[:, None], indices].add(weights)  # [T, E]
     return jnp.einsum("etd,te->td", y_all, combine), jnp.zeros((), jnp.int32)
@@ -77,8 +78,8 @@ def capacity_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacit
     token = jnp.tile(jnp.arange(t), k)  # [K*T]
     buffer = jnp.zeros((num_experts * cap + 1, x.shape[-1]), x.dtype).at[slot].set(x[token])
     buffer = buffer[:-1].reshape(num_experts, cap, -1)  # [E, C, D]
-    h = _swiglu(jnp.einsum("ecd,edf->ecf", buffer, gate_up))
-    out = jnp.einsum("eci,eid->ecd", h, down).reshape(num_experts * cap, -1)
+    h = _swiglu(matmul(buffer, gate_up))
+    out = matmul(h, down).reshape(num_experts * cap, -1)
     out = jnp.concatenate([out, jnp.zeros((1, out.shape[-1]), out.dtype)])  # sentinel row reads zeros
     per_pair = out[slot].reshape(k, t, -1)  # [K, T, D]
     y = jnp.einsum("ktd,tk->td", per_pair, weights)

@@ -52,11 +52,19 @@ def _matmul_bwd(transpose_w, residuals, g):
     x, w = residuals
     batch = w.ndim - 2
     g = g.astype(x.dtype)
-    dx = _contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch).astype(x.dtype)
+    dx = _contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch)
     lead = x.shape[:batch]
     rows, grads = x.reshape(*lead, -1, x.shape[-1]), g.reshape(*lead, -1, g.shape[-1])
     dw = _contract(grads, rows, batch, batch, batch) if transpose_w else _contract(rows, grads, batch, batch, batch)
-    return dx, dw.astype(w.dtype)
+    return _like(dx.astype(x.dtype), x), _like(dw.astype(w.dtype), w)
+
+
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Inside `shard_map` (expert parallelism), sum a cotangent over the manual mesh axes it varies over and its
+    primal does not (a weight replicated over `data` gets the sum of every shard's gradient), as JAX's own
+    derivative does."""
+    extra = jax.typeof(cotangent).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
+    return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

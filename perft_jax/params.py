@@ -25,8 +25,11 @@ from perft_jax.build import load_run_config, resolve_model_config
 from perft_jax.errors import run_cli
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
+from perft_jax.perft.efficiency import efficiency_report, format_comparison, format_report
+from perft_jax.perft.variants import VARIANTS as ALL_VARIANTS
 
-VARIANTS = ("perft_s", "perft_d", "perft_r", "perft_e", "qv_lora")
+# Every variant that adds adapters, in the registry's order (perft/variants.py).
+VARIANTS = tuple(name for name in ALL_VARIANTS if name != "none")
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> tuple[ModelConfig, PerftConfig, str]:
@@ -57,8 +60,6 @@ def model_title(cfg: ModelConfig, source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
-    from perft_jax.perft.efficiency import efficiency_report, format_comparison, format_report
-
     model_cfg, perft_cfg, source = load_config(args.config, args.overrides)
     title = model_title(model_cfg, source)
     if args.all_variants:

@@ -19,6 +19,7 @@ from perft_jax.errors import UserError
 from perft_jax.io import read_json_object
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
+from perft_jax.perft.variants import VARIANTS
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -52,18 +53,8 @@ def reference_config(cfg: PerftConfig) -> dict[str, Any]:
     else:
         adapter_type = "Parallel_Adapter"
         args = {"hidden_dim": cfg.bottleneck, "hidden_act": ACT_TO_REFERENCE[cfg.activation], "dropout": cfg.dropout}
-    shared, routed = cfg.variant in ("perft_s", "perft_d"), cfg.variant == "perft_r"
-    return {
-        "adapter_type": adapter_type,
-        "adapter_args": args,
-        "shared_adapter": shared,
-        "shared_adapter_num": (1 if cfg.variant == "perft_s" else cfg.num_adapters) if shared else 0,
-        "shared_routing_adapter": routed,
-        "shared_routing_adapter_num_experts": cfg.num_adapters if routed else 0,
-        "shared_routing_adapter_num_experts_per_tok": cfg.top_k if routed else 0,
-        "shared_routing_adapter_router_aux_loss_coef": cfg.router_aux_loss_coef,
-        "embedded_routing_adapter": cfg.variant == "perft_e",
-    }
+    return {"adapter_type": adapter_type, "adapter_args": args, **VARIANTS[cfg.variant].reference_keys(cfg),
+            "shared_routing_adapter_router_aux_loss_coef": cfg.router_aux_loss_coef}
 
 
 def peft_config(cfg: PerftConfig, base_model_name: str | None) -> dict[str, Any]:
@@ -111,28 +102,15 @@ def _from_reference(raw: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
                 "activation": ACT_FROM_REFERENCE[act], "dropout": arg("dropout", 0.0)}
     else:
         raise UserError(f"{path}: adapter_type: expected 'LoRA' or 'Parallel_Adapter', got {adapter_type!r}")
-    shared, routed = bool(raw.get("shared_adapter")), bool(raw.get("shared_routing_adapter"))
-    embedded = bool(raw.get("embedded_routing_adapter"))
-    if embedded and (shared or routed):
+    if raw.get("embedded_routing_adapter") and (raw.get("shared_adapter") or raw.get("shared_routing_adapter")):
         raise UserError(f"{path}: embedded_routing_adapter together with shared_adapter / shared_routing_adapter "
                         "is not supported (perft-jax attaches one variant)")
-    if shared:  # S/D take precedence over R, as in the reference code (spec/PERFT.md §3)
-        num = raw.get("shared_adapter_num")
-        if num == 1:
-            data.update(variant="perft_s")
-        else:
-            data.update(variant="perft_d", num_adapters=num)
-    elif routed:
-        data.update(variant="perft_r", num_adapters=raw.get("shared_routing_adapter_num_experts"),
-                    top_k=raw.get("shared_routing_adapter_num_experts_per_tok"))
-        if "shared_routing_adapter_router_aux_loss_coef" in raw:
-            data["router_aux_loss_coef"] = raw["shared_routing_adapter_router_aux_loss_coef"]
-    elif embedded:
-        data.update(variant="perft_e")
-    else:
+    # The first variant whose flags are set: shared adapters win over routed ones, as in the reference code.
+    selected = next(filter(None, (variant.from_reference(raw) for variant in VARIANTS.values())), None)
+    if selected is None:
         raise UserError(f"{path}: no PERFT variant enabled (shared_adapter, shared_routing_adapter and "
                         "embedded_routing_adapter are all false)")
-    return data
+    return {**data, **selected}
 
 
 def _from_peft(raw: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:

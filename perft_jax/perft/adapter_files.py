@@ -45,16 +45,10 @@ from perft_jax.perft.adapter_configs import (
     read_metadata,
     reference_config,
 )
-from perft_jax.perft.adapter_names import (
-    Entry,
-    abstract_attached,
-    adapter_params,
-    check_matches,
-    file_entries,
-    perft_config_of,
-)
-from perft_jax.perft.attach import attach_perft, has_adapters
+from perft_jax.perft.adapter_names import Entry, abstract_attached, adapter_params, file_entries
+from perft_jax.perft.attach import attach_perft, carried_config, check_matches, has_adapters
 from perft_jax.perft.config import PerftConfig
+from perft_jax.perft.variants import VARIANTS
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
@@ -157,18 +151,15 @@ def save_adapters(model: MoeForCausalLM, out_dir: str | os.PathLike, extra_confi
       out_dir: the adapter directory, created with its parents.
       extra_config: JSON-serialisable keys stored under "perft_jax" (e.g. training step, data set);
         `base_model_name_or_path` also goes to the PEFT config.
-      config: the PerftConfig the adapters were attached with; it must match them. Default: the model's
-        `perft_config` attribute if set, else read back from the modules (see `perft_config_of`).
+      config: the PerftConfig to record (e.g. with training-only settings changed); it must describe the
+        adapters the model carries. Default: the one they were attached with (`model.perft_config`).
       overwrite: replace an existing `out_dir`, as a whole; refused if it holds anything but adapter files.
     """
     out = pathlib.Path(out_dir)
-    if not has_adapters(model):
-        raise UserError("save_adapters: the model carries no adapters (attach_perft or load_adapters first)")
-    cfg = config or getattr(model, "perft_config", None)
-    if cfg is None:
-        cfg = perft_config_of(model)
-    else:
-        check_matches(model, cfg, "save_adapters(config=...)")
+    cfg = carried_config(model, "save_adapters")
+    if config is not None:
+        check_matches(model, config, "save_adapters(config=...)")
+        cfg = config
     extra = dict(extra_config or {})
     reserved = sorted({"format_version", "perft", "base_model"} & set(extra))
     if reserved:
@@ -179,7 +170,7 @@ def save_adapters(model: MoeForCausalLM, out_dir: str | os.PathLike, extra_confi
         meta_text = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise UserError(f"save_adapters: extra_config is not JSON-serialisable ({e})") from None
-    if cfg.variant == "qv_lora":
+    if VARIANTS[cfg.variant].peft_format:
         config_json = peft_config(cfg, extra.get("base_model_name_or_path"))
     else:
         config_json = {**reference_config(cfg), "perft_jax": meta}
@@ -196,4 +187,4 @@ def save_adapters(model: MoeForCausalLM, out_dir: str | os.PathLike, extra_confi
     return out
 
 
-__all__ = ["load_adapters", "perft_config_of", "read_adapter_config", "save_adapters"]
+__all__ = ["load_adapters", "read_adapter_config", "save_adapters"]

@@ -53,34 +53,34 @@ class AdapterBank(nnx.Module):
     def __init__(self, num: int, width: int, cfg: PerftConfig, rngs: nnx.Rngs,
                  param_dtype=jnp.float32, dtype=jnp.float32):
         r = cfg.bottleneck
-        self.form = cfg.adapter
+        self.cfg = cfg
         if cfg.adapter == "lora":
             self.lora_A = AdapterParam(first_matrix_init(rngs.params(), (num, width, r), param_dtype),
                                        axes=("adapters", "embed", "adapter_rank"))
             self.lora_B = AdapterParam(second_matrix_init(rngs.params(), (num, r, width), param_dtype, cfg.init),
                                        axes=("adapters", "adapter_rank", "embed"))
-            self.scale = cfg.lora_alpha / r
         else:
             self.adapter_w1 = AdapterParam(first_matrix_init(rngs.params(), (num, width, r), param_dtype),
                                            axes=("adapters", "embed", "adapter_rank"))
             self.adapter_w2 = AdapterParam(second_matrix_init(rngs.params(), (num, r, width), param_dtype,
                                                               cfg.init),
                                            axes=("adapters", "adapter_rank", "embed"))
-            self.activation = cfg.activation
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.num = num
         self.dtype = dtype
 
     def _matrices(self) -> tuple[jax.Array, jax.Array]:
-        first, second = (self.lora_A, self.lora_B) if self.form == "lora" else (self.adapter_w1, self.adapter_w2)
+        lora = self.cfg.adapter == "lora"
+        first, second = (self.lora_A, self.lora_B) if lora else (self.adapter_w1, self.adapter_w2)
         return first[...].astype(self.dtype), second[...].astype(self.dtype)
 
     def _hidden(self, x: jax.Array, project) -> jax.Array:
         """The bottleneck activations, `project` applying the first matrix; dropout where the reference has it."""
-        if self.form == "lora":
-            return project(self.dropout(x)) * self.scale  # LoRA: dropout on the input
+        cfg = self.cfg
+        if cfg.adapter == "lora":
+            return project(self.dropout(x)) * (cfg.lora_alpha / cfg.bottleneck)  # LoRA: dropout on the input
         # Parallel adapter: dropout after W1, before the activation (reference Parallel_Adapter).
-        return ACTIVATIONS[self.activation](self.dropout(project(x)))
+        return ACTIVATIONS[cfg.activation](self.dropout(project(x)))
 
     def __call__(self, x: jax.Array, gates: jax.Array | None = None) -> jax.Array:
         """Every adapter on every token: x [T, D], gates [T, M] (None: all weighted 1) -> [T, D]."""
@@ -91,30 +91,21 @@ class AdapterBank(nnx.Module):
             h = h * gates.astype(self.dtype).T[:, :, None]  # gate before the second matmul: no [M, T, D]
         return jnp.einsum("mtr,mrd->td", h, second)
 
-    def routed(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+    def routed(self, x: jax.Array, weights: jax.Array, indices: jax.Array, dispatch: str = "grouped") -> jax.Array:
         """Only the chosen adapters: x [T, D], weights / indices [T, K] -> sum_k w_tk A_{i_tk}(x_t), [T, D].
 
-        Equal to `self(x, dense gates)` (without dropout), at K / M of its FLOPs plus block padding.
-        Under a device mesh (`jax.set_mesh`) the dense form runs instead: it splits over the batch with no
-        communication, where sorting would gather every shard's tokens; adapters are well under 1 % of a
-        real model's FLOPs, so the extra M / K of them costs little there.
+        `dispatch` "grouped": the pairs sorted by adapter through the base experts' grouped pipeline
+        (models/moe/grouped.py `grouped_ffn`), equal to `self(x, dense gates)` (without dropout) at K / M of
+        its FLOPs plus block padding. "dense": every adapter on every token with the routing as dense gates;
+        models on a device mesh use it (perft/attach.py picks it from the model's sharding): it splits over the
+        batch with no communication, where sorting would gather every shard's tokens, and adapters are well
+        under 1 % of a real model's FLOPs, so the extra M / K of them costs little there.
         """
-        t, k = indices.shape
-        if jax.sharding.get_abstract_mesh().size > 1:
-            rows = jnp.arange(t)[:, None]
-            return self(x, jnp.zeros((t, self.num), weights.dtype).at[rows, indices].set(weights))
-        x = x.astype(self.dtype)
+        if dispatch == "dense":
+            rows = jnp.arange(indices.shape[0])[:, None]
+            return self(x, jnp.zeros((indices.shape[0], self.num), weights.dtype).at[rows, indices].set(weights))
         first, second = self._matrices()
-        layout = grouped.block_layout(indices.reshape(-1), self.num)  # token-major pairs
-        rows = grouped.gather_rows(x, layout, pairs_per_row=k)  # [NB, b, D]
-        h = self._hidden(rows, lambda v: grouped.grouped_matmul(v, first, layout))  # [NB, b, R]
-        h = h * grouped.gather_pair_values(weights.reshape(-1).astype(self.dtype), layout)[..., None]
-        out = grouped.scatter_rows(grouped.grouped_matmul(h, second, layout), layout)  # [T*K, D]
-        return out.reshape(t, k, -1).sum(axis=1)
-
-    def params_per_adapter(self) -> int:
-        first = self.lora_A if self.form == "lora" else self.adapter_w1
-        return 2 * first.shape[1] * first.shape[2]
+        return grouped.grouped_ffn(x.astype(self.dtype), weights, indices, first, second, self._hidden)
 
 
 class LoRA(nnx.Module):

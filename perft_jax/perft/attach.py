@@ -7,9 +7,9 @@ from flax import nnx
 
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import MoeForCausalLM
-from perft_jax.perft.adapters import AdapterParam, LoRA
-from perft_jax.perft.branches import EmbeddedAdapters, RoutedAdapters, SharedAdapters
+from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.config import PerftConfig
+from perft_jax.perft.variants import VARIANTS
 from perft_jax.sharding import model_sharding
 
 
@@ -18,7 +18,9 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
     """Add the adapters `cfg` describes to every layer of `model` (in place; also returned).
 
     Adapter weights are kept in `param_dtype` (float32 by default, also under a bfloat16 base: the
-    paper's setup) and computed in the model's compute dtype.
+    paper's setup) and computed in the model's compute dtype. `cfg` is recorded on the model
+    (`model.perft_config`): the one record of what the adapters are, which saving and loading read.
+    Routed banks run sorted by adapter on one device and densely gated on a mesh (`AdapterBank.routed`).
     """
     mcfg = model.config
     cfg.validate_config()
@@ -28,28 +30,31 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
     if has_adapters(model):
         raise UserError("model already carries adapters; load into them or start from a base model")
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    dtype = mcfg.jnp_dtype
-    d = mcfg.hidden_size
+    routed_dispatch = "grouped" if model_sharding(model) is None else "dense"
     for layer in model.layers:
-        if cfg.variant == "perft_s":
-            layer.moe.adapters = SharedAdapters(1, d, cfg, rngs, param_dtype, dtype)
-        elif cfg.variant == "perft_d":
-            layer.moe.adapters = SharedAdapters(cfg.num_adapters, d, cfg, rngs, param_dtype, dtype)
-        elif cfg.variant == "perft_r":
-            layer.moe.adapters = RoutedAdapters(d, cfg, mcfg.norm_topk_prob, rngs, param_dtype, dtype)
-        elif cfg.variant == "perft_e":
-            layer.moe.adapters = EmbeddedAdapters(mcfg.num_experts, d, mcfg.num_experts_per_tok, cfg, rngs,
-                                                  param_dtype, dtype)
-        elif cfg.variant == "qv_lora":
-            attn = layer.attn
-            attn.q_lora = LoRA(d, mcfg.num_heads * mcfg.head_dim, cfg, rngs, ("embed", "q_heads"), param_dtype,
-                               dtype)
-            attn.v_lora = LoRA(d, mcfg.num_kv_heads * mcfg.head_dim, cfg, rngs, ("embed", "kv_heads"),
-                               param_dtype, dtype)
-    model.perft_config = cfg  # what save_adapters records (loss coefficients and init included)
+        VARIANTS[cfg.variant].attach(layer, mcfg, cfg, rngs, param_dtype, routed_dispatch)
+    model.perft_config = cfg
     # The adapters' dropout RNG state too: the step writes it back committed, like the adapters.
     place_like_base(model, nnx.state(model, nnx.Any(AdapterParam, nnx.RngState)))
     return model
+
+
+def carried_config(model: MoeForCausalLM, where: str) -> PerftConfig:
+    """The PerftConfig `model`'s adapters were attached with; a UserError naming `where` if it carries none."""
+    cfg = getattr(model, "perft_config", None)
+    if cfg is None or not has_adapters(model):
+        raise UserError(f"{where}: the model carries no adapters (attach_perft or load_adapters first)")
+    return cfg
+
+
+def check_matches(model: MoeForCausalLM, cfg: PerftConfig, where: str) -> None:
+    """`cfg` must describe the adapters `model` carries (the same variant, form, sizes and routing)."""
+    variant = VARIANTS[cfg.variant]
+    got, want = VARIANTS[carried_config(model, where).variant].computation(model.perft_config), variant.computation(cfg)
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            raise UserError(f"{where}: the model carries adapters that differ from this config at perft.{key}: "
+                            f"model {got.get(key)!r}, config {want.get(key)!r}")
 
 
 def place_like_base(model: MoeForCausalLM, state) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from perft_jax.models.moe.routing import topk_routing
@@ -29,54 +28,46 @@ class SharedAdapters(nnx.Module):
     def __call__(self, x, base_weights, base_indices):
         return self.bank(x), None
 
-    def activated_trainable_params(self) -> int:
-        return self.bank.num * self.bank.params_per_adapter()
-
 
 class EmbeddedAdapters(nnx.Module):
-    """PERFT-E: adapter i lives inside base expert i, so it is weighted by the frozen router's g_i."""
+    """PERFT-E: adapter i lives inside base expert i, so it is weighted by the frozen router's g_i.
 
-    def __init__(self, num_experts: int, width: int, top_k: int, cfg: PerftConfig, rngs: nnx.Rngs,
-                 param_dtype, dtype):
+    `dispatch`: how the routed bank runs (`AdapterBank.routed`: "grouped" or "dense").
+    """
+
+    def __init__(self, num_experts: int, width: int, cfg: PerftConfig, rngs: nnx.Rngs, param_dtype, dtype,
+                 dispatch: str = "grouped"):
         self.bank = AdapterBank(num_experts, width, cfg, rngs, param_dtype, dtype)
-        self.top_k = top_k
+        self.dispatch = dispatch
 
     def __call__(self, x, base_weights, base_indices):
         # sum_{i in topk} g_i (E_i(x) + A_i(x)) = MoE(x) + sum_i g_i A_i(x)
-        return self.bank.routed(x, base_weights, base_indices), None
-
-    def activated_trainable_params(self) -> int:
-        return self.top_k * self.bank.params_per_adapter()
+        return self.bank.routed(x, base_weights, base_indices, self.dispatch), None
 
 
 class RoutedAdapters(nnx.Module):
-    """PERFT-R: M adapters behind their own bias-free router (top-K or DynMoLE)."""
+    """PERFT-R: M adapters behind their own bias-free router (top-K or DynMoLE); the settings are read from the
+    one PerftConfig the bank holds (`self.bank.cfg`)."""
 
-    def __init__(self, width: int, cfg: PerftConfig, base_renormalize: bool, rngs: nnx.Rngs, param_dtype, dtype):
-        m = cfg.num_adapters
-        init = jax.random.normal(rngs.params(), (width, m), jnp.float32) * cfg.router_init_std
+    def __init__(self, width: int, cfg: PerftConfig, base_renormalize: bool, rngs: nnx.Rngs, param_dtype, dtype,
+                 dispatch: str = "grouped"):
+        init = jax.random.normal(rngs.params(), (width, cfg.num_adapters), jnp.float32) * cfg.router_init_std
         self.router = AdapterParam(init.astype(param_dtype), axes=("embed", "adapters"))
-        self.bank = AdapterBank(m, width, cfg, rngs, param_dtype, dtype)
-        self.top_k = cfg.top_k
-        self.kind = cfg.router
-        self.gate_weights = cfg.adapter_gate_weights
+        self.bank = AdapterBank(cfg.num_adapters, width, cfg, rngs, param_dtype, dtype)
         # PERFT.md §3: renormalise the K weights exactly when the base block does (OLMoE iff norm_topk_prob).
         self.renormalize = base_renormalize
-        self.dynmole = cfg.dynmole
+        self.dispatch = dispatch
         self.dtype = dtype
 
     def __call__(self, x, base_weights, base_indices):
+        cfg = self.bank.cfg
         logits = jnp.dot(x.astype(self.dtype), self.router[...].astype(self.dtype))  # [T, M]
-        if self.kind == "dynmole":
+        if cfg.router == "dynmole":
             # A token may select any number of adapters (broadcast: all M), so the bank runs densely.
-            gates = dynmole_routing(logits, self.dynmole).weights  # unnormalised, zeros off the selection
+            gates = dynmole_routing(logits, cfg.dynmole).weights  # unnormalised, zeros off the selection
             return self.bank(x, gates), logits
-        weights, indices, _ = topk_routing(logits, self.top_k, self.renormalize)
-        if self.gate_weights == "base_router_rank":
+        weights, indices, _ = topk_routing(logits, cfg.top_k, self.renormalize)
+        if cfg.adapter_gate_weights == "base_router_rank":
             # Reference OLMoE quirk: the s-th chosen adapter gets the s-th largest base weight.
-            weights = base_weights[:, : self.top_k].astype(jnp.float32)
-        return self.bank.routed(x, weights, indices), logits
-
-    def activated_trainable_params(self) -> int:
-        """K adapters plus the router per token (for DynMoLE, K is the floor; broadcasts activate more)."""
-        return self.top_k * self.bank.params_per_adapter() + int(np.prod(self.router.shape))
+            weights = base_weights[:, : cfg.top_k].astype(jnp.float32)
+        return self.bank.routed(x, weights, indices, self.dispatch), logits

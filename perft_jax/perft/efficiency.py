@@ -9,9 +9,8 @@ be reported without weights or memory.
 - Base activated per token: every non-expert parameter (embeddings, LM head once — a tied head is the
   embedding table, counted once —, attention, norms, routers) plus `num_experts_per_tok` of the
   `num_experts` experts of each layer.
-- Activated trainable per token: each PERFT branch's `activated_trainable_params()` summed over layers
-  (PERFT.md §5: S a; D M·a; R K·a + M·H; E k·a); adapters outside a branch (the `qv_lora` baseline) are
-  active on every token.
+- Activated trainable per token: the variant's `activated_per_layer` (perft/variants.py) times the layers
+  (PERFT.md §5: S a; D M·a; R K·a + M·H; E k·a; the `qv_lora` baseline: all of it, every token passes it).
 - activated efficiency = activated trainable / (base activated + activated trainable), the paper's x-axis.
 """
 from __future__ import annotations
@@ -29,6 +28,7 @@ from perft_jax.models.moe.experts import Experts
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
+from perft_jax.perft.variants import VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,24 +65,6 @@ def _size(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def _describe(model_cfg: ModelConfig, cfg: PerftConfig) -> str:
-    """E.g. `parallel_adapter D_B=32, M=8, K=2 (topk router)`."""
-    if cfg.variant == "none":
-        return "base model only"
-    if cfg.variant == "qv_lora":
-        return f"LoRA on q_proj, v_proj: r={cfg.bottleneck}, alpha={cfg.lora_alpha:g}"
-    width = f"r={cfg.bottleneck}" if cfg.adapter == "lora" else f"D_B={cfg.bottleneck}"
-    if cfg.variant == "perft_s":
-        shape = "M=1"
-    elif cfg.variant == "perft_d":
-        shape = f"M={cfg.num_adapters} (all active)"
-    elif cfg.variant == "perft_e":
-        shape = f"M=N={model_cfg.num_experts}, base top-{model_cfg.num_experts_per_tok}"
-    else:
-        shape = f"M={cfg.num_adapters}, K={cfg.top_k} ({cfg.router} router)"
-    return f"{cfg.adapter} {width}, {shape}"
-
-
 @functools.lru_cache(maxsize=64)
 def efficiency_report(model_cfg: ModelConfig, perft_cfg: PerftConfig) -> EfficiencyReport:
     """Count base, trainable and per-token activated parameters of `model_cfg` with `perft_cfg` attached.
@@ -98,16 +80,15 @@ def efficiency_report(model_cfg: ModelConfig, perft_cfg: PerftConfig) -> Efficie
     trainable = _size(adapter_state)
     base_total = _size(base_state)
     k, n = model_cfg.num_experts_per_tok, model_cfg.num_experts
+    variant = VARIANTS[perft_cfg.variant]
+    activated_trainable = model_cfg.num_layers * variant.activated_per_layer(model_cfg, perft_cfg)
     expert_total = expert_active = 0
-    activated_trainable = trainable  # adapters outside a branch (qv_lora) see every token
     for _path, module in nnx.iter_modules(model):
         if isinstance(module, Experts):
             for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)):
                 size = math.prod(leaf.shape)
                 expert_total += size
                 expert_active += size // leaf.shape[0] * k  # stacked [E, ...]: k of the E experts run per token
-        elif hasattr(module, "activated_trainable_params"):  # a PERFT branch (perft/branches.py)
-            activated_trainable += module.activated_trainable_params() - _size(nnx.state(module, AdapterParam))
     if expert_total and expert_total % n:
         raise AssertionError(f"expert parameters {expert_total} not divisible by num_experts={n}")
     base_activated = base_total - expert_total + expert_active
@@ -123,7 +104,7 @@ def efficiency_report(model_cfg: ModelConfig, perft_cfg: PerftConfig) -> Efficie
         base_total=base_total,
         base_activated=base_activated,
         variant=perft_cfg.variant,
-        setup=_describe(model_cfg, perft_cfg),
+        setup=variant.shape(model_cfg, perft_cfg),
         dynamic_k=perft_cfg.variant == "perft_r" and perft_cfg.router == "dynmole",
     )
 

@@ -18,7 +18,7 @@ from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeLMOutput
 from perft_jax.models.moe.routing import load_balancing_loss
 from perft_jax.perft.config import PerftConfig
-from perft_jax.perft.dynmole import dynmole_aux_loss
+from perft_jax.perft.variants import VARIANTS
 
 
 def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -44,14 +44,9 @@ def training_losses(out: MoeLMOutput, labels: jax.Array, attention_mask: jax.Arr
         losses["base_router_aux"] = base
         total = total + model_cfg.router_aux_loss_coef * base
     if out.adapter_router_logits is not None:
-        if perft_cfg.router == "dynmole":
-            dyn = dynmole_aux_loss(out.adapter_router_logits, perft_cfg.dynmole, attention_mask)
-            losses.update(adapter_router_entropy=dyn.entropy_loss, adapter_router_aux=dyn.load_balance_loss)
-            total = total + dyn.total  # coefficients beta and alpha are inside
-        else:
-            adapter = load_balancing_loss(out.adapter_router_logits, perft_cfg.num_adapters, perft_cfg.top_k,
-                                          attention_mask)
-            losses["adapter_router_aux"] = adapter
-            total = total + perft_cfg.router_aux_loss_coef * adapter
+        terms, weighted = VARIANTS[perft_cfg.variant].router_losses(out.adapter_router_logits, perft_cfg,
+                                                                     attention_mask)
+        losses.update(terms)
+        total = total + weighted
     losses["total"] = total
     return losses

@@ -89,17 +89,13 @@ def capacity_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacit
 def grouped_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
                      cap: int | None = None):
     """Sorted fixed-size blocks, one matmul per block (models/moe/grouped.py). Dropless."""
-    t, k = indices.shape
     num_experts = gate_up.shape[0]
     if valid is not None:  # other devices' pairs: an extra group past the real ones, weighted zero
         indices = jnp.where(valid, indices, num_experts)
         weights = jnp.where(valid, weights, 0)
-    layout = grouped.block_layout(indices.reshape(-1), num_experts + (valid is not None))
-    rows = grouped.gather_rows(x, layout, pairs_per_row=k)  # [NB, b, D]
-    h = _swiglu(grouped.grouped_matmul(rows, gate_up, layout))
-    h = h * grouped.gather_pair_values(weights.reshape(-1), layout)[..., None]  # weight before the down matmul
-    out = grouped.scatter_rows(grouped.grouped_matmul(h, down, layout), layout)  # [T*K, D]
-    return out.reshape(t, k, -1).sum(axis=1), jnp.zeros((), jnp.int32)
+    y = grouped.grouped_ffn(x, weights, indices, gate_up, down, lambda rows, project: _swiglu(project(rows)),
+                            num_experts + (valid is not None))
+    return y, jnp.zeros((), jnp.int32)
 
 
 def ragged_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,

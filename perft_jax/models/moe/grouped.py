@@ -214,3 +214,22 @@ def grouped_matmul(blocks: jax.Array, weights: jax.Array, layout: BlockLayout) -
     num_weights = weights.shape[0]
     used = layout.group_end_block[min(num_weights, layout.group_end_block.shape[0]) - 1]
     return _grouped_matmul(blocks, weights, layout.block_group, used)
+
+
+def grouped_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax.Array, second: jax.Array,
+                hidden, num_groups: int | None = None) -> jax.Array:
+    """sum_k w_tk * second_g(hidden(x_t, first_g)) with g = indices[t, k]: the routed two-matrix pipeline that
+    the base experts (SwiGLU) and the routed adapter banks (LoRA, parallel adapter) share.
+
+    x [T, D], weights / indices [T, K] (token-major pairs), first [G, D, F], second [G, F', D] -> [T, D].
+    `hidden(rows, project)` maps gathered rows [NB, b, D] to [NB, b, F'], `project` applying the first matrix
+    (so an adapter can put dropout before it). The routing weight multiplies the hidden rows, before the second
+    matmul. `num_groups` > G adds groups that run nothing (a caller's "nowhere" group for pairs it must skip).
+    """
+    t, k = indices.shape
+    layout = block_layout(indices.reshape(-1), first.shape[0] if num_groups is None else num_groups)
+    rows = gather_rows(x, layout, pairs_per_row=k)  # [NB, b, D]; no [T*K, D] copy of the tokens
+    h = hidden(rows, lambda v: grouped_matmul(v, first, layout))
+    h = h * gather_pair_values(weights.reshape(-1).astype(h.dtype), layout)[..., None]
+    out = scatter_rows(grouped_matmul(h, second, layout), layout)  # [T*K, D]
+    return out.reshape(t, k, -1).sum(axis=1)

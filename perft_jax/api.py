@@ -9,7 +9,7 @@ are the decoder's, perft_jax.models.decoder.)
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -24,8 +24,8 @@ from perft_jax.sharding import LogicalSharding
 def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_dtype: str | None = None,
                moe_backend: str | None = None, capacity_factor: float | None = None,
                sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None,
-               rules: Mapping[str, Any] | None = None, expert_dispatch: str = "ring", shard_adapters: bool = False,
-               perft: PerftConfig | None = None, seed: int = 0) -> MoeForCausalLM:
+               rules: Mapping[str, Any] | None = None, expert_dispatch: str | Callable = "ring",
+               shard_adapters: bool = False, perft: PerftConfig | None = None, seed: int = 0) -> MoeForCausalLM:
     """Restore a converted base checkpoint as an NNX model (perft_jax/build.py `build_model`).
 
     Args:
@@ -40,7 +40,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
       rules: logical axis rules (default: perft_jax.sharding.DEFAULT_RULES).
       expert_dispatch: with `mesh`: "ring" runs the experts under shard_map (perft_jax/models/moe/ep.py),
         "gspmd" leaves the configured backend to XLA's partitioner; "ragged_a2a" (GPU/TPU) sends each token to
-        its experts' devices with `jax.lax.ragged_all_to_all`.
+        its experts' devices with `jax.lax.ragged_all_to_all`; or a factory of such a dispatch.
       shard_adapters: with `mesh`: place adapters (attached now or later) and their optimizer state by `rules`
         instead of replicating them.
       perft: attach freshly initialised PERFT adapters described by this config (seeded by `seed`).

@@ -3,10 +3,10 @@
     model = build_model(ModelSection(checkpoint="ckpts/olmoe", dtype="bfloat16"), perft, sharding)
 
 1. the `ModelConfig` is resolved once, from the converted checkpoint's manifest or an HF `config.json`, with the
-   section's overrides (dtype, MoE backend, capacity factor) applied (`resolve_model_config`);
+   section's overrides (dtype, MoE backend, capacity factor, attention) applied (`resolve_model_config`);
 2. the base is restored straight onto its placement (each parameter onto its `NamedSharding` on a mesh, else one
    device; group by group, so host memory holds about one layer), or randomly initialised and placed;
-3. on a mesh, the expert dispatch is wired (models/moe/ep.py) and the sharding recorded on the model;
+3. on a mesh, the model is built with its expert dispatch (models/moe/ep.py) and the sharding recorded on it;
 4. the adapters are attached, placed once where the base says (perft/attach.py), their RNG state included.
 
 `load_model` (api.py), the training loop, evaluation, the demo and the benchmarks all build here, and nothing is
@@ -16,6 +16,7 @@ checks it against the base it names (PERFT top-k against the base's experts) bef
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from perft_jax.errors import UserError
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeForCausalLM, abstract_model, init_model
 from perft_jax.models.hf_config import read_hf_config_file
-from perft_jax.models.moe.ep import configure_expert_dispatch
+from perft_jax.models.moe.ep import expert_dispatch as mesh_dispatch
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
 from perft_jax.sharding import LogicalSharding, remember_sharding, shard_model
@@ -46,7 +47,8 @@ def resolve_model_config(section: ModelSection, prefix: str = "model") -> ModelC
             raise UserError(f"{prefix}.hf_config: no such file {section.hf_config!r}")
         cfg, _, _ = read_hf_config_file(path)
     changes = {"dtype": section.dtype, "param_dtype": section.param_dtype or section.dtype,
-               "moe_backend": section.moe_backend, "capacity_factor": section.capacity_factor}
+               "moe_backend": section.moe_backend, "capacity_factor": section.capacity_factor,
+               "attention_impl": section.attention_impl, "remat": section.remat or None}
     return cfg.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
@@ -59,7 +61,7 @@ def load_run_config(path: str | pathlib.Path | None, overrides: list[str] = ()) 
 
 
 def build_model(section: ModelSection, perft: PerftConfig | None = None, sharding: LogicalSharding | None = None,
-                *, expert_dispatch: str = "ring", seed: int = 0, remat: bool = False,
+                *, expert_dispatch: str | Callable = "ring", seed: int = 0,
                 placement: jax.sharding.Sharding | None = None) -> MoeForCausalLM:
     """The base of `section` (+ the adapters of `perft`, seeded by `seed`), placed by `sharding`.
 
@@ -68,34 +70,32 @@ def build_model(section: ModelSection, perft: PerftConfig | None = None, shardin
       perft: attach freshly initialised adapters of this config (kept in `section.adapter_dtype`); None or
         variant "none": the base alone.
       sharding: a device mesh and its rules (`sharding.run_sharding`); None: one device.
-      expert_dispatch: on a mesh, how tokens reach the experts: "ring", "ragged_a2a" or "gspmd" (models/moe/ep.py).
-      remat: recompute each decoder layer's activations in the backward pass.
+      expert_dispatch: on a mesh, how tokens reach the experts: "ring", "ragged_a2a" or "gspmd", or a factory
+        of such a dispatch (models/moe/ep.py `expert_dispatch`); the model is built with it.
       placement: without `sharding`, where the parameters land; default: the first local device.
     """
     cfg = resolve_model_config(section)
-    if remat:
-        cfg = cfg.replace(remat=True)
+    dispatch = None if sharding is None else mesh_dispatch(sharding, expert_dispatch, cfg)
     if section.checkpoint:
-        model = _restore(pathlib.Path(section.checkpoint), cfg, sharding, placement)
+        model = _restore(pathlib.Path(section.checkpoint), cfg, sharding, placement, dispatch)
     else:  # a random base (tests, benchmarks): built whole on one device, then placed
-        model = init_model(cfg, seed=section.init_seed)
+        model = init_model(cfg, seed=section.init_seed, dispatch=dispatch)
         if sharding is not None:
             shard_model(model, sharding)
         elif placement is not None:
             nnx.update(model, jax.device_put(nnx.state(model), placement))
     if sharding is not None:
         remember_sharding(model, sharding)  # adapters attached later and the train step follow this placement
-        configure_expert_dispatch(model, sharding, expert_dispatch)
     if perft is not None and perft.variant != "none":
         attach_perft(model, perft, seed=seed, param_dtype=jnp.dtype(section.adapter_dtype))
     return model
 
 
 def _restore(ckpt_dir: pathlib.Path, cfg: ModelConfig, sharding: LogicalSharding | None,
-             placement: jax.sharding.Sharding | None) -> MoeForCausalLM:
+             placement: jax.sharding.Sharding | None, dispatch) -> MoeForCausalLM:
     """A converted base restored group by group, each parameter straight onto its target sharding (each process
     reads only the shards its devices hold)."""
-    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dispatch))
     if sharding is not None:
         shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state))
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

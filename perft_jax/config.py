@@ -23,7 +23,7 @@ from perft_jax.checkpoint.run import CheckpointConfig
 from perft_jax.config_parsing import apply_overrides, from_dict, load_yaml, to_dict
 from perft_jax.data.config import DataConfig
 from perft_jax.errors import UserError
-from perft_jax.models.config import MOE_BACKENDS
+from perft_jax.models.config import ATTENTION_IMPLS, MOE_BACKENDS
 from perft_jax.optim import OptimConfig
 from perft_jax.perft.config import PerftConfig
 from perft_jax.sharding import MeshConfig
@@ -41,8 +41,10 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] | None = None  # base storage dtype, when it differs from `dtype`
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"  # adapters stay float32 under a bf16 base
     moe_backend: Literal[MOE_BACKENDS] | None = None
+    attention_impl: Literal[ATTENTION_IMPLS] | None = None  # default: as stored (auto: per platform)
     capacity_factor: float | None = None
     init_seed: int = 0  # with hf_config: the base's random init
+    remat: bool = False  # recompute each decoder layer's activations in the backward pass (memory for compute)
 
     def validate_config(self, prefix: str = "model") -> "ModelSection":
         if bool(self.checkpoint) == bool(self.hf_config):
@@ -61,7 +63,6 @@ class TrainConfig:
     eval_every_steps: int = 80  # validation loss cadence (PERFT.md §7); 0 disables
     keep_best: bool = True  # keep the adapters of the lowest validation loss (PERFT.md §7)
     log_every_steps: int = 10
-    remat: bool = False  # recompute each decoder layer's activations in the backward pass
     progress_bar: bool = True
     tensorboard: bool = True
 

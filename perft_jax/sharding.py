@@ -13,6 +13,16 @@ logical names say, unless `mesh.shard_adapters` is set: then they follow the rul
 `adapters: expert` splits the adapter experts over `expert`). This module knows nothing else of adapters.
 `shard_model` records the `LogicalSharding` on the model (`model_sharding`), so adapters attached later
 (perft/attach.py `place_like_base`), the optimizer state and the train step place them the same way.
+
+Why our own `axes` metadata and not Flax NNX's `sharding_names` + `nnx.get_abstract_model(init, mesh)`: NNX maps
+names to mesh axes one to one, while placement here needs what it cannot say. Trainable variables are placed by
+their type (replicated unless `shard_adapters`), not by their names; mesh axes of size 1 drop out of a spec,
+so one rule table serves every mesh shape; a dimension that does not divide over its axes, or two names on one
+mesh axis, is a one-line error naming the parameter (XLA's own error names neither). The restore path needs
+exactly this (abstract state -> `NamedSharding` per variable, build.py), and it already works without a mesh
+context. No activation sharding constraints are set inside the decoder: the batch enters placed by
+`batch_sharding` and XLA's sharding propagation carries it through the layers; the
+expert dispatch under `shard_map` states its own specs (models/moe/ep.py).
 """
 from __future__ import annotations
 

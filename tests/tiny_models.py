@@ -1,13 +1,25 @@
-"""Tiny random Hugging Face OLMoE / Mixtral models, built locally (there is no model hub here)."""
+"""Tiny OLMoE / Mixtral models: JAX configs and random Hugging Face models, built locally (there is no model hub)."""
 from __future__ import annotations
 
 import pathlib
 
 import numpy as np
 
+from perft_jax.models.config import ModelConfig
+
+# Shapes of `tiny_model_config` (perft_jax ModelConfig fields) and of the HF models (transformers fields).
+TINY_MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, num_experts=4, num_experts_per_tok=2)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
             eos_token_id=2, pad_token_id=1, bos_token_id=0)
+
+
+def tiny_model_config(arch: str = "olmoe", **overrides) -> ModelConfig:
+    """A tiny JAX config: `TINY_MODEL` shapes, the architecture's routing and q/k norm, then `overrides`."""
+    mixtral = arch == "mixtral"
+    return ModelConfig(**{"model_type": arch, **TINY_MODEL, "norm_topk_prob": mixtral, "qk_norm": not mixtral,
+                          **overrides})
 
 
 def hf_config(arch: str, **overrides):

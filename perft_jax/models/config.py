@@ -14,9 +14,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from perft_jax.errors import UserError
+from perft_jax.models.attention import ATTENTION_IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MOE_BACKENDS = ("dense", "capacity", "grouped", "ragged")
+MOE_BACKENDS = ("auto", "dense", "capacity", "grouped", "ragged", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     # MoE dispatch backend, one of MOE_BACKENDS (models/moe/experts.py describes each).
-    moe_backend: str = "dense"
+    moe_backend: str = "auto"
     capacity_factor: float = 2.0
+    # Attention implementation, one of ATTENTION_IMPLS (models/attention.py describes each; auto: per platform).
+    attention_impl: str = "auto"
     # Recompute each decoder layer's activations in the backward pass (memory for compute).
     remat: bool = False
 
@@ -90,6 +93,8 @@ class ModelConfig:
                 raise bad(key, f"one of {sorted(DTYPES)}")
         if self.moe_backend not in MOE_BACKENDS:
             raise bad("moe_backend", f"one of {list(MOE_BACKENDS)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise bad("attention_impl", f"one of {list(ATTENTION_IMPLS)}")
         if not self.capacity_factor > 0:
             raise bad("capacity_factor", "a positive number")
         if self.sliding_window is not None and self.sliding_window <= 0:

@@ -8,12 +8,12 @@ Every parameter carries logical axis names (`axes` metadata) that the sharding r
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from perft_jax.models.attention import MaskForm, attend
 from perft_jax.models.config import ModelConfig
 
 
@@ -38,25 +38,38 @@ def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
     upcasts every bfloat16 transpose, so JAX's own derivative (a float32 cotangent against a bfloat16 `w`,
     or a transposed `w`) made XLA convert each whole weight to float32 and keep that copy from the forward to
     the backward: 2x the bfloat16 base in temporaries (issue 11). Here the backward contracts `w` in place,
-    in its own dtype. dW is computed too; XLA drops it when `w` is frozen (not differentiated).
+    in its own dtype. dW is built only when `w` is differentiated (symbolic zeros), never for the frozen base.
     """
     batch = w.ndim - 2
     return _contract(x, w, x.ndim - 1, batch + (1 if transpose_w else 0), batch).astype(x.dtype)
 
 
 def _matmul_fwd(x, w, transpose_w):
-    return matmul(x, w, transpose_w), (x, w)
+    # symbolic_zeros: x and w arrive as CustomVJPPrimal, saying whether each is differentiated. Each operand is
+    # kept only when the other's gradient is wanted, so for a frozen base weight the activations are not kept
+    # and dW is never traced (not merely dropped by XLA afterwards). x[:0] / w[:0] (no data) carry the dtypes
+    # and manual mesh axes the cotangents must match.
+    out = matmul(x.value, w.value, transpose_w)
+    saved_x = x.value if w.perturbed else None
+    saved_w = w.value if x.perturbed else None
+    return out, (saved_x, saved_w, x.value[:0], w.value[:0])
 
 
 def _matmul_bwd(transpose_w, residuals, g):
-    x, w = residuals
-    batch = w.ndim - 2
-    g = g.astype(x.dtype)
-    dx = _contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch)
-    lead = x.shape[:batch]
-    rows, grads = x.reshape(*lead, -1, x.shape[-1]), g.reshape(*lead, -1, g.shape[-1])
-    dw = _contract(grads, rows, batch, batch, batch) if transpose_w else _contract(rows, grads, batch, batch, batch)
-    return _like(dx.astype(x.dtype), x), _like(dw.astype(w.dtype), w)
+    x, w, x_like, w_like = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    batch = w_like.ndim - 2
+    g = g.astype(x_like.dtype)
+    dx = dw = None
+    if w is not None:
+        dx = _like(_contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch).astype(x_like.dtype), x_like)
+    if x is not None:  # w differentiated: an adapter or a full fine-tune, never the frozen base
+        lead = x.shape[:batch]
+        rows, grads = x.reshape(*lead, -1, x.shape[-1]), g.reshape(*lead, -1, g.shape[-1])
+        dw = _contract(grads, rows, batch, batch, batch) if transpose_w else _contract(rows, grads, batch, batch, batch)
+        dw = _like(dw.astype(w_like.dtype), w_like)
+    return dx, dw
 
 
 def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
@@ -67,7 +80,7 @@ def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
 
 
 class Linear(nnx.Module):
@@ -200,7 +213,7 @@ class Attention(nnx.Module):
         cache_k, cache_v = kv_cache
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-        out = self._attend(q, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask)
+        out = self._attend(q, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask, cached=True)
         return out, (cache_k, cache_v)
 
     def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -220,19 +233,13 @@ class Attention(nnx.Module):
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         return q, k, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """q [B, T, heads, hd], k/v [B, S, kv_heads, hd], mask [B, 1, T, S] bool -> [B, T, D]."""
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cached: bool = False) -> jax.Array:
+        """q [B, T, heads, hd], k/v [B, S, kv_heads, hd], mask [B, 1, T, S] bool -> [B, T, D].
+
+        `cached`: the keys are KV-cache slots under `cached_causal_mask`; else the queries' own tokens under
+        `causal_mask`, a form the attention kernels may rely on (models/attention.py, `cfg.attention_impl`).
+        """
         cfg = self.cfg
-        b, t, s = q.shape[0], q.shape[1], k.shape[1]
-        kv, hd = cfg.num_kv_heads, cfg.head_dim
-        groups = cfg.num_heads // kv
-        # Heads-major operands, the `groups` query heads of a kv head stacked along the rows, so that both
-        # products are plain batched matmuls [G*T, hd] x [hd, S]; the einsum form over [B, T, KV, G, hd] cost
-        # 15-20 % more in fwd + bwd on CPU (bench-small attention, B=8 T=256 H=8 hd=64).
-        q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, hd)  # h = kv*G + g
-        scores = (q @ k.transpose(0, 2, 3, 1)).astype(jnp.float32) / math.sqrt(hd)  # [B, KV, G*T, S]
-        # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
-        scores = jnp.where(mask[:, :, None], scores.reshape(b, kv, groups, t, s), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, groups * t, s)
-        out = (probs @ v.transpose(0, 2, 1, 3)).reshape(b, kv, groups, t, hd)
-        return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd))
+        b, t = q.shape[:2]
+        out = attend(cfg.attention_impl, q, k, v, mask, MaskForm(causal=not cached, sliding_window=cfg.sliding_window))
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))

@@ -27,6 +27,7 @@ from perft_jax.data.tokenize import IGNORE_INDEX, load_tokenizer
 from perft_jax.distributed import any_process, global_batch, initialize
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.models.moe.experts import describe_backend
 from perft_jax.optim import learning_rate_schedule
 from perft_jax.perft.adapter_files import save_adapters
 from perft_jax.perft.adapters import AdapterParam
@@ -106,7 +107,7 @@ def run_training(cfg: Config) -> dict:
     sharding = run_sharding(cfg.mesh)
     if sharding is None:
         return _run_training(cfg, None)
-    with jax.set_mesh(sharding.mesh):  # the train step pins adapters to this mesh (train/step.py)
+    with jax.set_mesh(sharding.mesh):  # the run's mesh, the default for everything it jits
         return _run_training(cfg, sharding)
 
 
@@ -116,10 +117,10 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_writer:
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-    model = build_model(cfg.model, cfg.perft, sharding, expert_dispatch=cfg.mesh.expert_dispatch, seed=cfg.train.seed,
-                        remat=cfg.train.remat)
+    model = build_model(cfg.model, cfg.perft, sharding, expert_dispatch=cfg.mesh.expert_dispatch, seed=cfg.train.seed)
     if is_writer:
         print(format_report(efficiency_report(model.config, cfg.perft)))
+        print(f"MoE backend: {describe_backend(model.config, jax.devices()[0].platform)}")
 
     tokenizer_path = cfg.model.tokenizer or cfg.model.checkpoint
     if not tokenizer_path:

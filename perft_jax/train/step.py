@@ -38,15 +38,11 @@ TRAINABLE = nnx.Any(AdapterParam, nnx.RngState)
 
 def _pin_placement(model: MoeForCausalLM, tree):
     """Keep adapters and optimizer state where they were placed (perft/attach.py, train/optim.py): by the
-    model's `LogicalSharding` (replicated, or split by their logical axes with `mesh.shard_adapters`), or
-    replicated under a bare mesh (`jax.set_mesh`). Otherwise XLA may return them placed differently, which
+    model's `LogicalSharding` (replicated, or split by their logical axes with `mesh.shard_adapters`); a model
+    without one lives on one device and needs nothing. Otherwise XLA may return them placed differently, which
     changes the next step's input shardings and compiles the step again (and defeats the donation)."""
     logical = model_sharding(model)
-    if logical is not None:
-        return jax.lax.with_sharding_constraint(tree, logical.trainable_shardings(tree))
-    if jax.sharding.get_abstract_mesh().empty:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, jax.P())
+    return tree if logical is None else jax.lax.with_sharding_constraint(tree, logical.trainable_shardings(tree))
 
 
 def loss_fn(model: MoeForCausalLM, batch: Batch, model_cfg: ModelConfig, perft_cfg: PerftConfig):

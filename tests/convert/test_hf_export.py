@@ -6,9 +6,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import build_hf_model, hf_logits, rel_l2, save_hf_model, token_batch
+from tiny_models import build_hf_model, hf_logits, rel_l2, save_hf_model, tiny_model_config, token_batch
 
-from perft_jax import ModelConfig, export_hf, init_model, load_model
+from perft_jax import export_hf, init_model, load_model
 from perft_jax.convert import cli
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 
@@ -40,10 +40,7 @@ def test_round_trip_hf_to_jax_to_hf(arch, tmp_path, torch_required):
 @pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
 def test_export_of_a_jax_model_matches_its_logits(arch, tmp_path, torch_required):
     """A model that never came from HF (random init, tied embeddings), exported in several shards."""
-    cfg = ModelConfig(model_type=arch, vocab_size=128, hidden_size=32, intermediate_size=16, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                      norm_topk_prob=arch == "mixtral", qk_norm=arch == "olmoe", tie_word_embeddings=True,
-                      rope_theta=5e5)
+    cfg = tiny_model_config(arch, vocab_size=128, tie_word_embeddings=True, rope_theta=5e5)
     model = init_model(cfg, seed=7)
     export_hf(model, tmp_path / "hf", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import build_hf_model, rel_l2, save_hf_model
+from tiny_models import build_hf_model, rel_l2, save_hf_model, tiny_model_config
 
-from perft_jax import ModelConfig, init_model, load_model
+from perft_jax import init_model, load_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 from perft_jax.errors import UserError
 from perft_jax.eval.generate import PromptTooLongError, generate
@@ -21,13 +21,10 @@ from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
 
 TOL = 1e-5
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4, num_kv_heads=2,
-             head_dim=8, num_experts=4, num_experts_per_tok=2)
 CONFIGS = {
-    "olmoe": ModelConfig(model_type="olmoe", norm_topk_prob=False, qk_norm=True, clip_qkv=1.0, **SMALL),
+    "olmoe": tiny_model_config("olmoe", clip_qkv=1.0),
     # A window shorter than the sequence, so the decode mask must drop old keys.
-    "mixtral-sliding": ModelConfig(model_type="mixtral", norm_topk_prob=True, qk_norm=False, sliding_window=3,
-                                   **SMALL),
+    "mixtral-sliding": tiny_model_config("mixtral", sliding_window=3),
 }
 
 
@@ -175,7 +172,7 @@ class ByteTokenizer:
 
 
 def test_evaluate_end_to_end(tmp_path):
-    cfg = ModelConfig(model_type="olmoe", norm_topk_prob=False, qk_norm=True, **{**SMALL, "vocab_size": 260})
+    cfg = tiny_model_config(vocab_size=260)
     model = init_model(cfg)
     # All logits equal -> argmax picks id 0 at every step: a known generation to score.
     model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...])
@@ -217,8 +214,7 @@ def test_evaluate_end_to_end(tmp_path):
 
 
 def test_evaluate_names_the_example_that_is_too_long(tmp_path):
-    model = init_model(ModelConfig(model_type="olmoe", norm_topk_prob=False, qk_norm=True,
-                                   max_position_embeddings=300, **{**SMALL, "vocab_size": 260}))
+    model = init_model(tiny_model_config(vocab_size=260, max_position_embeddings=300))
     (tmp_path / "gsm8k").mkdir()
     records = [{"instruction": "short", "answer": "1"}, {"instruction": "x" * 300, "answer": "2"}]
     (tmp_path / "gsm8k" / "test.json").write_text(json.dumps(records))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from testing_utils import CONFIGS
+from tiny_models import tiny_model_config
 
 from perft_jax import ModelConfig, UserError, abstract_model, init_model
 from perft_jax.models import read_hf_config_file
@@ -32,10 +33,8 @@ def test_olmoe_config_fields():
 
 
 def _tiny(**changes) -> ModelConfig:
-    fields = dict(model_type="olmoe", vocab_size=64, hidden_size=16, intermediate_size=8, num_layers=1,
-                  num_heads=2, num_kv_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                  norm_topk_prob=False, qk_norm=True)
-    return ModelConfig(**{**fields, **changes})
+    shapes = dict(hidden_size=16, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1)
+    return tiny_model_config(**{**shapes, **changes})
 
 
 @pytest.mark.parametrize("changes, message", [

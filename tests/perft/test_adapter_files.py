@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-from tiny_models import build_hf_model, hf_logits, rel_l2, save_hf_model, token_batch
+from tiny_models import build_hf_model, hf_logits, rel_l2, save_hf_model, tiny_model_config, token_batch
 
 from perft_jax import ModelConfig, UserError, init_model, load_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
@@ -93,9 +93,7 @@ def test_golden_configs_read_from_reference_keys(shared_dir):
 
 def tiny_config(arch: str) -> ModelConfig:
     olmoe = arch == "olmoe"
-    return ModelConfig(model_type=arch, vocab_size=96, hidden_size=32, intermediate_size=16, num_layers=2,
-                       num_heads=4, num_kv_heads=4 if olmoe else 2, head_dim=8, num_experts=6 if olmoe else 4,
-                       num_experts_per_tok=2, norm_topk_prob=not olmoe, qk_norm=olmoe)
+    return tiny_model_config(arch, vocab_size=96, num_kv_heads=4 if olmoe else 2, num_experts=6 if olmoe else 4)
 
 
 VARIANTS = {

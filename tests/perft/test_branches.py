@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_model_config
 
 from perft_jax import ModelConfig, UserError, init_model
 from perft_jax.config_parsing import from_dict
@@ -19,10 +20,8 @@ VARIANTS = ["perft_s", "perft_d", "perft_r", "perft_e", "qv_lora"]
 D, E, K_BASE, M, K, R = 32, 4, 2, 3, 2, 5
 
 
-def tiny_model_config(arch: str) -> ModelConfig:
-    return ModelConfig(model_type=arch, vocab_size=64, hidden_size=D, intermediate_size=16, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, num_experts=E, num_experts_per_tok=K_BASE,
-                       norm_topk_prob=arch == "mixtral", qk_norm=arch == "olmoe")
+def tiny_config(arch: str) -> ModelConfig:
+    return tiny_model_config(arch, hidden_size=D, num_experts=E, num_experts_per_tok=K_BASE)
 
 
 def adapter_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -45,7 +44,7 @@ EXPECTED_LAYER_SHAPES = {
 @pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_adapter_shapes_and_zero_init_is_the_base_model(arch, variant):
-    cfg = tiny_model_config(arch)
+    cfg = tiny_config(arch)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)), jnp.int32)
     base = init_model(cfg)(ids)
     perft = PerftConfig(variant=variant, bottleneck=R, num_adapters=M, top_k=K, init="zero")
@@ -63,7 +62,7 @@ def test_adapter_shapes_and_zero_init_is_the_base_model(arch, variant):
 
 
 def test_lora_form_shapes():
-    model = attach_perft(init_model(tiny_model_config("olmoe")),
+    model = attach_perft(init_model(tiny_config("olmoe")),
                          PerftConfig(variant="perft_r", adapter="lora", bottleneck=R, num_adapters=M, top_k=K))
     shapes = adapter_shapes(model)
     assert shapes["layers/1/moe/adapters/bank/lora_A"] == (M, D, R)
@@ -72,7 +71,7 @@ def test_lora_form_shapes():
 
 def test_near_zero_init_scales():
     """First matrix ~ N(0, 2 / out) with out = r (PERFT.md §8.5); second ~ N(0, 1e-12)."""
-    model = attach_perft(init_model(tiny_model_config("olmoe")),
+    model = attach_perft(init_model(tiny_config("olmoe")),
                          PerftConfig(variant="perft_e", adapter="lora", bottleneck=64))
     first = np.asarray(model.layers[0].moe.adapters.bank.lora_A[...])
     second = np.asarray(model.layers[0].moe.adapters.bank.lora_B[...])
@@ -120,7 +119,7 @@ def test_routed_adapters_match_hand_computation(renormalize, gate_weights):
 
 def test_perft_r_follows_the_base_models_renormalisation():
     for arch, renorm in (("olmoe", False), ("mixtral", True)):
-        model = attach_perft(init_model(tiny_model_config(arch)), PerftConfig(variant="perft_r", top_k=2))
+        model = attach_perft(init_model(tiny_config(arch)), PerftConfig(variant="perft_r", top_k=2))
         assert model.layers[0].moe.adapters.renormalize is renorm
 
 
@@ -147,4 +146,4 @@ def test_bad_configs_are_refused_naming_the_key(data, message):
 def test_quirk_needs_top_k_within_base_top_k():
     cfg = PerftConfig(variant="perft_r", num_adapters=4, top_k=3, adapter_gate_weights="base_router_rank")
     with pytest.raises(UserError, match="perft.top_k: expected at most the base top-k=2"):
-        attach_perft(init_model(tiny_model_config("olmoe")), cfg)
+        attach_perft(init_model(tiny_config("olmoe")), cfg)

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import yaml
+from tiny_models import tiny_model_config
 
 from perft_jax import params
 from perft_jax.checkpoint.base import write_manifest
@@ -27,9 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs" / "perft").glob("*.yaml"))
 
 V, H, I, L, NH, NKV, HD, N, K_BASE = 256, 64, 32, 2, 4, 2, 16, 8, 2
-TINY = ModelConfig(model_type="olmoe", vocab_size=V, hidden_size=H, intermediate_size=I, num_layers=L,
-                   num_heads=NH, num_kv_heads=NKV, head_dim=HD, num_experts=N, num_experts_per_tok=K_BASE,
-                   norm_topk_prob=False, qk_norm=True)
+TINY = tiny_model_config(vocab_size=V, hidden_size=H, intermediate_size=I, num_layers=L, num_heads=NH,
+                         num_kv_heads=NKV, head_dim=HD, num_experts=N, num_experts_per_tok=K_BASE)
 TINY_HF = {"model_type": "olmoe", "vocab_size": V, "hidden_size": H, "intermediate_size": I,
            "num_hidden_layers": L, "num_attention_heads": NH, "num_key_value_heads": NKV, "num_experts": N,
            "num_experts_per_tok": K_BASE, "norm_topk_prob": False, "pad_token_id": 1, "eos_token_id": 2}

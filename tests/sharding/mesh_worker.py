@@ -17,7 +17,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
+import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -33,9 +35,9 @@ from perft_jax.errors import UserError  # noqa: E402
 from perft_jax.models.moe.ep import (  # noqa: E402
     RaggedAllToAll,
     emulated_ragged_all_to_all,
-    enable_expert_parallelism,
     ragged_all_to_all,
 )
+from perft_jax.models.moe.experts import DISPATCH  # noqa: E402
 from perft_jax.optim import OptimConfig  # noqa: E402
 from perft_jax.perft.adapters import AdapterParam  # noqa: E402
 from perft_jax.perft.attach import place_like_base  # noqa: E402
@@ -43,6 +45,9 @@ from perft_jax.perft.config import PerftConfig  # noqa: E402
 from perft_jax.sharding import DEFAULT_RULES, LogicalSharding, MeshConfig, build_mesh  # noqa: E402
 from perft_jax.train.optim import make_optimizer  # noqa: E402
 from perft_jax.train.step import train_step  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: tests/ for the fixtures
+from tiny_models import tiny_model_config  # noqa: E402
 
 
 def shard_shapes(x: jax.Array) -> list[tuple[int, ...]]:
@@ -104,11 +109,11 @@ def _flat_adapters(model) -> dict:
 def run(ckpt, mesh=None, backend="dense", dispatch="ring", perft=PERFT, shard_adapters=False):
     """Forward + STEPS train steps; returns host copies of everything compared, plus placement facts."""
     rules = ADAPTER_RULES if shard_adapters else None
+    if dispatch == "a2a":  # the exchange emulated: XLA:CPU has no ragged-all-to-all
+        dispatch = functools.partial(ragged_all_to_all, emulate=True)
     model = load_model(ckpt, moe_backend=backend, capacity_factor=4.0 if backend == "capacity" else None,
-                       mesh=mesh, expert_dispatch="gspmd" if dispatch == "a2a" else dispatch, rules=rules,
-                       shard_adapters=shard_adapters, perft=perft, seed=1)
-    if dispatch == "a2a":
-        enable_expert_parallelism(model, LogicalSharding.create(mesh), "ragged_a2a", emulate=True)
+                       mesh=mesh, expert_dispatch=dispatch, rules=rules, shard_adapters=shard_adapters, perft=perft,
+                       seed=1)
     # Adapters of a visible size (the second matrices start near zero), so that they matter in every result.
     scale = jax.jit(lambda t: jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(7), a.shape), t))
     nnx.update(model, scale(nnx.state(model, AdapterParam)))
@@ -148,7 +153,7 @@ def run(ckpt, mesh=None, backend="dense", dispatch="ring", perft=PERFT, shard_ad
         "moment_specs": sorted({str(m.sharding.spec) for m in moments} if mesh is not None else []),
         "moment_shards": sorted({tuple(map(tuple, sorted(set(shard_shapes(m))))) for m in moments}),
         "logits_spec": str(logits.sharding.spec if mesh is not None else None),
-        "parallel": type(experts.parallel).__name__,
+        "parallel": getattr(experts.dispatch, "__name__", type(experts.dispatch).__name__),
         "backend": model.config.moe_backend,
     }
 
@@ -190,16 +195,16 @@ def a2a_checks() -> dict:
         operand, *offsets_sizes)
     mesh = build_mesh(MeshConfig(2, 1, 4, 1))
     try:
-        ragged_all_to_all(LogicalSharding.create(mesh), 8)
+        ragged_all_to_all(LogicalSharding.create(mesh), tiny_model_config(num_experts=8, moe_backend="ragged"))
         refused = ""
     except UserError as e:
         refused = str(e)
-    real = RaggedAllToAll(mesh, ("data", "expert"))
+    real = RaggedAllToAll(mesh, ("data", "expert"), DISPATCH["ragged"])
     keys = jax.random.split(jax.random.key(0), 4)
     x, logits = jax.random.normal(keys[0], (16, 32)), jax.random.normal(keys[1], (16, 8))
     weights, indices = jax.lax.top_k(jax.nn.softmax(logits), 2)
     gate_up, down = jax.random.normal(keys[2], (8, 32, 32)), jax.random.normal(keys[3], (8, 16, 32))
-    loss = lambda x: jnp.sum(real(x, weights, indices.astype(jnp.int32), gate_up, down, "ragged", 1.0)[0] ** 2)  # noqa: E731
+    loss = lambda x: jnp.sum(real(x, weights, indices.astype(jnp.int32), gate_up, down, capacity_factor=1.0)[0] ** 2)  # noqa: E731
     lowered = {}
     for platform in ("cuda", "tpu"):
         exported = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[platform], disabled_checks=[

@@ -18,8 +18,9 @@ import sys
 
 import pytest
 from jax.sharding import PartitionSpec
+from tiny_models import tiny_model_config
 
-from perft_jax import ModelConfig, export_hf, init_model
+from perft_jax import export_hf, init_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 
 WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
@@ -32,9 +33,7 @@ CASES = ["tensor 1,1,2,4", "tensor 1,2,1,4", "a2a 2,1,4,1", "a2a 1,2,2,2", "shar
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("mesh")
-    cfg = ModelConfig(model_type="olmoe", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=False, qk_norm=True)
+    cfg = tiny_model_config(num_experts=8)
     export_hf(init_model(cfg, seed=3), root / "hf")
     convert_hf_to_jax(root / "hf", root / "ckpt", show_progress=False)
     return root / "ckpt"
@@ -90,7 +89,7 @@ def test_each_device_holds_its_share_of_the_experts(report, mesh):
 
 def test_gspmd_dispatch_also_matches(report):
     got = report["gspmd"]
-    assert got["parallel"] == "NoneType"
+    assert got["parallel"] == "dense_dispatch"  # the backend itself, partitioned by XLA
     assert max(got["logits"], got["loss"], got["grad_norm"], got["adapters"]) <= TOL, got
     assert got["adapter_specs"] == ["P()"] and got["later_step_compiles"] == 0
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
+from tiny_models import tiny_model_config
 
 from perft_jax import UserError, init_model
 from perft_jax.config import Config
 from perft_jax.config_parsing import from_dict
 from perft_jax.distributed import DistributedConfig, global_batch, initialize, process_rows
-from perft_jax.models.config import ModelConfig
-from perft_jax.models.moe.ep import configure_expert_dispatch
+from perft_jax.models.moe.ep import expert_dispatch
 from perft_jax.models.moe.experts import capacity_dispatch, dense_dispatch, ragged_dispatch
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.sharding import (
@@ -177,20 +177,17 @@ def test_capacity_mask_counts_only_local_drops():
 
 
 def test_ring_dispatch_on_a_one_device_mesh_matches():
-    cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                      norm_topk_prob=True, qk_norm=False)
+    cfg = tiny_model_config("mixtral", num_layers=1)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)), jnp.int32)
     forward = nnx.jit(lambda m, i: m(i).logits)
     want = forward(init_model(cfg, seed=2), ids)
     sharding = LogicalSharding.create(build_mesh(MeshConfig()))
-    model = configure_expert_dispatch(shard_model(init_model(cfg, seed=2), sharding), sharding, "ring")
-    assert type(model.layers[0].moe.experts.parallel).__name__ == "RingOfExperts"
+    model = shard_model(init_model(cfg, seed=2, dispatch=expert_dispatch(sharding, "ring", cfg)), sharding)
+    assert type(model.layers[0].moe.experts.dispatch).__name__ == "RingOfExperts"
     np.testing.assert_allclose(forward(model, ids), want, rtol=1e-5, atol=1e-6)
-    _one_line_error(lambda: configure_expert_dispatch(model, sharding, "a2a"), "mesh.expert_dispatch")
+    _one_line_error(lambda: expert_dispatch(sharding, "a2a", cfg), "mesh.expert_dispatch")
     # ragged_a2a with the experts on one device: nothing travels, so it is the (local) ring.
-    model = configure_expert_dispatch(model, sharding, "ragged_a2a")
-    assert type(model.layers[0].moe.experts.parallel).__name__ == "RingOfExperts"
+    assert type(expert_dispatch(sharding, "ragged_a2a", cfg)).__name__ == "RingOfExperts"
 
 
 class _FakeSharding:

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_model_config
 
-from perft_jax import ModelConfig, export_hf, init_model, load_model
+from perft_jax import export_hf, init_model, load_model
 from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 from perft_jax.optim import OptimConfig
 from perft_jax.perft.adapters import AdapterParam
@@ -31,9 +32,7 @@ SETUPS = {
 def converted_base(request, tmp_path_factory):
     """A tiny base model that went through the real converter (exported to HF safetensors, converted back)."""
     arch = request.param
-    cfg = ModelConfig(model_type=arch, vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                      norm_topk_prob=arch == "mixtral", qk_norm=arch == "olmoe")
+    cfg = tiny_model_config(arch)
     root = tmp_path_factory.mktemp(f"base-{arch}")
     export_hf(init_model(cfg, seed=3), root / "hf")
     convert_hf_to_jax(root / "hf", root / "ckpt", show_progress=False)
@@ -104,9 +103,8 @@ def test_loss_terms_are_reported_separately(converted_base):
 def test_a_fresh_model_compiles_the_step_once():
     """A random base with freshly attached adapters (their dropout RNG included) is committed like a restored
     one, so the step's written-back state does not look like new inputs on the second call."""
-    cfg = ModelConfig(model_type="olmoe", vocab_size=72, hidden_size=24, intermediate_size=8, num_layers=1,
-                      num_heads=2, num_kv_heads=2, head_dim=12, num_experts=4, num_experts_per_tok=2,
-                      norm_topk_prob=False, qk_norm=True)
+    cfg = tiny_model_config(vocab_size=72, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=2,
+                            head_dim=12)
     perft = PerftConfig(variant="perft_r", num_adapters=4, top_k=2, dropout=0.1)  # shapes no other test uses
     model = attach_perft(init_model(cfg, seed=0), perft, seed=0)
     optimizer = make_optimizer(model, OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"))

@@ -9,17 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
-from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeLMOutput
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.dynmole import DynMoLEConfig
 from perft_jax.train.metrics import MetricsWriter, draw_router_heatmaps
 from perft_jax.train.router_stats import RouterStatsAccumulator, router_statistics, router_stats_scalars
 
-MODEL = ModelConfig(model_type="olmoe", vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
-                    num_heads=2, num_kv_heads=1, head_dim=4, num_experts=4, num_experts_per_tok=2,
-                    norm_topk_prob=False, qk_norm=True)
+MODEL = tiny_model_config(vocab_size=16, hidden_size=8, intermediate_size=8, num_heads=2, num_kv_heads=1, head_dim=4)
 MASK = jnp.array([[1, 1, 1], [0, 1, 1]], jnp.int32)  # 5 real tokens; (b=1, t=0) is padding
 Q8 = [0.5, 0.25, 0.125, 0.125]  # normalised Shannon entropy: (0.5 ln2 + 0.25 ln4 + 0.25 ln8) / ln4 = 0.875
 ONE_HOT_LOGITS = [-10.0, -10.0, 0.0, 10.0]  # padding rows: argmax 3, then 2, entropy ~0

@@ -5,8 +5,9 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tiny_models import tiny_model_config
 
-from perft_jax import ModelConfig, init_model
+from perft_jax import init_model
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
@@ -14,9 +15,7 @@ from perft_jax.train.step import loss_fn
 
 
 def _grads(remat: bool):
-    cfg = ModelConfig(model_type="olmoe", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                      norm_topk_prob=False, qk_norm=True, remat=remat)
+    cfg = tiny_model_config(remat=remat)
     perft = PerftConfig(variant="perft_r")
     model = attach_perft(init_model(cfg), perft)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)

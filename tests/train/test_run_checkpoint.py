@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_model_config
 
-from perft_jax import ModelConfig, UserError, init_model
+from perft_jax import UserError, init_model
 from perft_jax.checkpoint.run import CheckpointConfig, PreemptionHandler, RunCheckpointer, preemption_guard
 from perft_jax.data.batching import BatchIterator, RaggedRows
 from perft_jax.data.config import DataConfig
@@ -20,9 +21,7 @@ from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
 from perft_jax.train.step import train_step
 
-MODEL = ModelConfig(model_type="olmoe", vocab_size=512, hidden_size=32, intermediate_size=16, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                    norm_topk_prob=False, qk_norm=True)
+MODEL = tiny_model_config(vocab_size=512)
 PERFT = PerftConfig(variant="perft_r", num_adapters=4, top_k=2, dropout=0.1)  # dropout: the RNG state matters
 OPTIM = OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=8)
 DATA = DataConfig(batch_size=4, cutoff_len=16, shuffle_seed=3, length_buckets=(16,))  # one shape: one compile

@@ -24,9 +24,9 @@ class MoeAux:
 
 
 class SparseMoeBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dispatch=None):
         self.router = TopKRouter(cfg, rngs)
-        self.experts = Experts(cfg, rngs)
+        self.experts = Experts(cfg, rngs, dispatch)
         self.adapters = nnx.data(None)  # a PERFT branch: (x, weights, indices) -> (delta, adapter router logits)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, MoeAux]:

@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from perft_jax.errors import UserError
-from perft_jax.models.moe.experts import DISPATCH, Experts, capacity
+from perft_jax.models.config import ModelConfig
+from perft_jax.models.moe.experts import DISPATCH, capacity
 from perft_jax.sharding import LogicalSharding
 
 EXPERT_AXIS = "expert"
@@ -52,26 +53,40 @@ def _spec_entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def _expert_shard_map(mesh: jax.sharding.Mesh, token_axes: tuple[str, ...], expert_axes: tuple[str, ...], local,
+                      x, weights, indices, gate_up, down):
+    """The prologue and epilogue both dispatches share: pad the tokens to equal shards, run
+    `local(x, weights, indices, gate_up, down) -> (y, dropped)` per device under `shard_map` (tokens split over
+    `token_axes`, experts over `expert_axes`), drop the padding. Returns (y [T, D], dropped)."""
+    t = x.shape[0]
+    x, weights, indices = _pad_tokens(x, weights, indices, _num_shards(mesh, token_axes))
+    tokens, experts = P(_spec_entry(token_axes)), P(_spec_entry(expert_axes))
+    y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts),
+                               out_specs=(tokens, P()), check_vma=True)(x, weights, indices, gate_up, down)
+    return y[:t], dropped
+
+
 @dataclasses.dataclass(frozen=True)
 class RingOfExperts:
-    """A static, hashable dispatch for `Experts.parallel` (it becomes part of the module's graph definition).
+    """A dispatch (the `DISPATCH` signature) running `local`, a single-program dispatch, on each device's experts.
+
+    Static and hashable: it becomes part of the `Experts` module's graph definition.
 
     Attributes:
         mesh: the device mesh.
         token_axes: mesh axes the flattened tokens [T, D] are split over (size-1 axes left out).
         expert_axes: mesh axes the expert dimension is split over: () or ("expert",).
+        local: the model's backend (`DISPATCH[cfg.moe_backend]`), run on the local experts.
     """
 
     mesh: jax.sharding.Mesh
     token_axes: tuple[str, ...]
     expert_axes: tuple[str, ...]
+    local: Callable
 
-    def __call__(self, x, weights, indices, gate_up, down, backend: str, capacity_factor: float):
+    def __call__(self, x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float,
+                 cap: int | None = None):
         """x [T, D], weights/indices [T, K], gate_up [E, D, 2I], down [E, I, D] -> (y [T, D], dropped)."""
-        t = x.shape[0]
-        x, weights, indices = _pad_tokens(x, weights, indices, _num_shards(self.mesh, self.token_axes))
-        tokens = P(_spec_entry(self.token_axes))
-        experts = P(_spec_entry(self.expert_axes))
         num_experts = gate_up.shape[0]
 
         def local(x, weights, indices, gate_up, down):
@@ -85,8 +100,8 @@ class RingOfExperts:
             valid = (shifted >= 0) & (shifted < local_e)  # step 2: pairs routed to experts held here
             # Capacity sized for all E experts over the gathered tokens, as the single-program backend sizes it.
             cap = capacity(x.shape[0], indices.shape[1], num_experts, capacity_factor)
-            y, dropped = _local_experts(backend, x, weights, jnp.where(valid, shifted, 0), gate_up, down, valid,
-                                        capacity_factor, cap)
+            y, dropped = self.local(x, weights, jnp.where(valid, shifted, 0), gate_up, down, valid,
+                                    capacity_factor=capacity_factor, cap=cap)
             if gathered:  # step 3: sum over the group's experts, each device keeping its own rows
                 y = jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
             elif self.expert_axes:  # tokens replicated over `expert`: every device needs the full sum
@@ -94,14 +109,8 @@ class RingOfExperts:
             count_axes = tuple(dict.fromkeys(self.token_axes + self.expert_axes))
             return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
 
-        y, dropped = jax.shard_map(local, mesh=self.mesh, in_specs=(tokens, tokens, tokens, experts, experts),
-                                   out_specs=(tokens, P()), check_vma=True)(x, weights, indices, gate_up, down)
-        return y[:t], dropped
-
-
-def _local_experts(backend: str, x, weights, indices, gate_up, down, valid, capacity_factor: float, cap: int):
-    """The model's backend on this device's experts: x [N, D], weights/indices/valid [N, K] (local ids)."""
-    return DISPATCH[backend](x, weights, indices, gate_up, down, valid, capacity_factor=capacity_factor, cap=cap)
+        return _expert_shard_map(self.mesh, self.token_axes, self.expert_axes, local, x, weights, indices, gate_up,
+                                 down)
 
 
 def _num_shards(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
@@ -145,23 +154,24 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 @dataclasses.dataclass(frozen=True)
 class RaggedAllToAll:
-    """A static, hashable dispatch for `Experts.parallel`: pairs travel to their experts' devices and back.
+    """A dispatch (the `DISPATCH` signature): pairs travel to their experts' devices and back, and `local` (the
+    model's backend) runs them there. Static and hashable, like `RingOfExperts`.
 
     Attributes:
         mesh: the device mesh.
         token_axes: mesh axes the flattened tokens [T, D] are split over; must include `expert`.
+        local: the model's backend, run on the received pairs.
         emulate: exchange with `emulated_ragged_all_to_all` instead of `jax.lax.ragged_all_to_all` (CPU tests).
     """
 
     mesh: jax.sharding.Mesh
     token_axes: tuple[str, ...]
+    local: Callable
     emulate: bool = False
 
-    def __call__(self, x, weights, indices, gate_up, down, backend: str, capacity_factor: float):
+    def __call__(self, x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float,
+                 cap: int | None = None):
         """x [T, D], weights/indices [T, K], gate_up [E, D, 2I], down [E, I, D] -> (y [T, D], dropped)."""
-        t = x.shape[0]
-        x, weights, indices = _pad_tokens(x, weights, indices, _num_shards(self.mesh, self.token_axes))
-        tokens = P(_spec_entry(self.token_axes))
         num_experts = gate_up.shape[0]
         n = self.mesh.shape[EXPERT_AXIS]
         exchange = emulated_ragged_all_to_all if self.emulate else jax.lax.ragged_all_to_all
@@ -191,8 +201,8 @@ class RaggedAllToAll:
                                     total_repeat_length=buffer)
             valid = (jnp.arange(buffer) < jnp.sum(mine))[:, None]
             cap = capacity(t_local * n, k, num_experts, capacity_factor)  # per expert group, as the ring
-            out, dropped = _local_experts(backend, received, jnp.ones((buffer, 1), x.dtype), row_expert[:, None],
-                                          gate_up, down, valid, capacity_factor, cap)
+            out, dropped = self.local(received, jnp.ones((buffer, 1), x.dtype), row_expert[:, None], gate_up, down,
+                                      valid, capacity_factor=capacity_factor, cap=cap)
             # Step 4: each run back to its sender, at the offset it was sent from.
             back = exchange(out, jnp.zeros_like(sorted_x), _exclusive_cumsum(recv_sizes), recv_sizes,
                             _exclusive_cumsum(to_device, axis=1)[:, me], send_sizes, axis_name=EXPERT_AXIS)
@@ -201,10 +211,8 @@ class RaggedAllToAll:
             count_axes = tuple(dict.fromkeys(self.token_axes + (EXPERT_AXIS,)))
             return y, jax.lax.psum(dropped, count_axes)
 
-        experts = P(EXPERT_AXIS)
-        y, dropped = jax.shard_map(local, mesh=self.mesh, in_specs=(tokens, tokens, tokens, experts, experts),
-                                   out_specs=(tokens, P()), check_vma=True)(x, weights, indices, gate_up, down)
-        return y[:t], dropped
+        return _expert_shard_map(self.mesh, self.token_axes, (EXPERT_AXIS,), local, x, weights, indices, gate_up,
+                                 down)
 
 
 def _dispatch_axes(sharding: LogicalSharding, num_experts: int, what: str) -> tuple[tuple, tuple]:
@@ -220,18 +228,19 @@ def _dispatch_axes(sharding: LogicalSharding, num_experts: int, what: str) -> tu
     return token_axes, expert_axes
 
 
-def ring_of_experts(sharding: LogicalSharding, num_experts: int) -> RingOfExperts:
-    """The dispatch for a mesh and rules; a one-line error when E does not split over `expert`."""
-    return RingOfExperts(sharding.mesh, *_dispatch_axes(sharding, num_experts, "ring"))
+def ring_of_experts(sharding: LogicalSharding, cfg: ModelConfig) -> RingOfExperts:
+    """The ring for a mesh and rules around the model's backend; a one-line error when E does not split."""
+    return RingOfExperts(sharding.mesh, *_dispatch_axes(sharding, cfg.num_experts, "ring"), DISPATCH[cfg.moe_backend])
 
 
-def ragged_all_to_all(sharding: LogicalSharding, num_experts: int,
+def ragged_all_to_all(sharding: LogicalSharding, cfg: ModelConfig,
                       emulate: bool = False) -> RaggedAllToAll | RingOfExperts:
     """The ragged all-to-all dispatch; with experts not split (expert axis of size 1) nothing has to travel,
     and the ring (then a plain local call) is returned. One-line errors on CPU and for unusable rules."""
-    token_axes, expert_axes = _dispatch_axes(sharding, num_experts, "ragged_a2a")
+    token_axes, expert_axes = _dispatch_axes(sharding, cfg.num_experts, "ragged_a2a")
+    local = DISPATCH[cfg.moe_backend]
     if not expert_axes:
-        return RingOfExperts(sharding.mesh, token_axes, expert_axes)
+        return RingOfExperts(sharding.mesh, token_axes, expert_axes, local)
     if EXPERT_AXIS not in token_axes:
         raise UserError("mesh.expert_dispatch: ragged_a2a needs the batch split over 'expert' too "
                         "(logical_axis_rules.activation_batch must include expert); use ring otherwise")
@@ -239,33 +248,23 @@ def ragged_all_to_all(sharding: LogicalSharding, num_experts: int,
     if platform == "cpu" and not emulate:
         raise UserError("mesh.expert_dispatch: ragged_a2a needs a GPU or TPU (XLA:CPU does not implement "
                         "ragged-all-to-all, jax #34755); use ring on CPU")
-    return RaggedAllToAll(sharding.mesh, token_axes, emulate)
+    return RaggedAllToAll(sharding.mesh, token_axes, local, emulate)
 
 
-def configure_expert_dispatch(model: nnx.Module, sharding: LogicalSharding, mode: str) -> nnx.Module:
-    """`mode` "ring" / "ragged_a2a": the shard_map dispatches above; "gspmd": the model's backend, partitioned
-    by XLA."""
-    if mode in ("ring", "ragged_a2a"):
-        return enable_expert_parallelism(model, sharding, mode)
-    if mode == "gspmd":
-        return disable_expert_parallelism(model)
-    raise UserError(f"mesh.expert_dispatch: expected one of 'ring', 'ragged_a2a', 'gspmd', got {mode!r}")
+def gspmd(sharding: LogicalSharding, cfg: ModelConfig) -> Callable:
+    """The model's backend as a single program, partitioned by XLA from the weights' and tokens' shardings."""
+    return DISPATCH[cfg.moe_backend]
 
 
-def enable_expert_parallelism(model: nnx.Module, sharding: LogicalSharding, mode: str = "ring",
-                              emulate: bool = False) -> nnx.Module:
-    """Make every `Experts` module of `model` dispatch over `sharding`'s mesh: `mode` "ring" or "ragged_a2a"
-    (`emulate`: exchange with `emulated_ragged_all_to_all`, for tests on CPU)."""
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, Experts):
-            num_experts = module.gate_up.shape[0]
-            module.parallel = (ring_of_experts(sharding, num_experts) if mode == "ring"
-                               else ragged_all_to_all(sharding, num_experts, emulate))
-    return model
+# `mesh.expert_dispatch` -> a factory (sharding, model config) -> the dispatch `Experts` is built with.
+EXPERT_DISPATCH = {"ring": ring_of_experts, "ragged_a2a": ragged_all_to_all, "gspmd": gspmd}
 
 
-def disable_expert_parallelism(model: nnx.Module) -> nnx.Module:
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, Experts):
-            module.parallel = None
-    return model
+def expert_dispatch(sharding: LogicalSharding, mode: str | Callable, cfg: ModelConfig) -> Callable:
+    """The experts' dispatch on a mesh: `mode` names an `EXPERT_DISPATCH` entry, or is such a factory itself
+    (e.g. `functools.partial(ragged_all_to_all, emulate=True)` in tests)."""
+    if callable(mode):
+        return mode(sharding, cfg)
+    if mode not in EXPERT_DISPATCH:
+        raise UserError(f"mesh.expert_dispatch: expected one of {', '.join(map(repr, EXPERT_DISPATCH))}, got {mode!r}")
+    return EXPERT_DISPATCH[mode](sharding, cfg)

@@ -14,7 +14,10 @@ with one signature `(x, weights, indices, gate_up, down, valid=None, *, capacity
 - `grouped`: pairs sorted by expert into fixed-size blocks (models/moe/grouped.py), a loop of [b, D] x [D, F]
   matmuls over the blocks in use; dropless, under one block of padding per expert. Fastest on CPU.
 - `ragged`: pairs sorted by expert and run through `jax.lax.ragged_dot` (grouped matmul); dropless.
-  Meant for GPU/TPU.
+- `kernel`: pairs sorted by expert through real grouped-matmul kernels (models/moe/kernels.py: Pallas
+  megablox on TPU, Pallas Mosaic-GPU on Hopper, XLA's ragged_dot otherwise), with a VJP that never builds
+  the frozen base's weight gradient; dropless.
+- `auto` (the default): `grouped` on CPU, `kernel` on GPU and TPU, chosen when the program is lowered.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from flax import nnx
 
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.layers import matmul, normal_init
-from perft_jax.models.moe import grouped
+from perft_jax.models.moe import grouped, kernels
 
 
 def _swiglu(h: jax.Array) -> jax.Array:
@@ -118,32 +121,56 @@ def ragged_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_
     return jnp.einsum("tkd,tk->td", per_pair, weights), jnp.zeros((), jnp.int32)
 
 
+kernel_dispatch = kernels.make_kernel_dispatch("auto")
+
+# What `auto` runs on each platform, for the message a run prints at its start (`describe_backend`).
+AUTO_CHOICE = {"cpu": "grouped (a loop of fixed-size blocks; XLA:CPU has no fast grouped matmul)",
+               "gpu": "kernel: Pallas Mosaic-GPU ragged dot (Hopper; bf16, 64-aligned widths), else XLA ragged_dot",
+               "tpu": "kernel: Pallas megablox grouped matmul (gmm / tgmm)"}
+
+
+def auto_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
+                  cap: int | None = None):
+    """The backend for the platform the program is lowered for (`lax.platform_dependent`, so `jax.export` for
+    another platform picks that platform's): `grouped` on CPU, the grouped-matmul kernels elsewhere."""
+    branch = lambda dispatch: lambda *a: dispatch(*a, capacity_factor=capacity_factor, cap=cap)  # noqa: E731
+    args = (x, weights, indices, gate_up, down) + (() if valid is None else (valid,))
+    return jax.lax.platform_dependent(*args, cpu=branch(grouped_dispatch), default=branch(kernel_dispatch))
+
+
 # Backend name -> dispatch. `models.config.MOE_BACKENDS` and the config's `Literal` list these names
 # (tests/models/moe/test_dispatch.py holds them equal).
-DISPATCH = {"dense": dense_dispatch, "capacity": capacity_dispatch, "grouped": grouped_dispatch,
-            "ragged": ragged_dispatch}
+DISPATCH = {"auto": auto_dispatch, "dense": dense_dispatch, "capacity": capacity_dispatch,
+            "grouped": grouped_dispatch, "ragged": ragged_dispatch, "kernel": kernel_dispatch}
+
+
+def describe_backend(cfg: ModelConfig, platform: str) -> str:
+    """E.g. `auto -> grouped (...) on cpu`: printed at the start of a run."""
+    if cfg.moe_backend != "auto":
+        return f"{cfg.moe_backend} (set explicitly)"
+    return f"auto -> {AUTO_CHOICE.get(platform, 'kernel: XLA ragged_dot')} on {platform}"
 
 
 class Experts(nnx.Module):
-    """E SwiGLU experts, stacked; `__call__` dispatches with the configured backend."""
+    """E SwiGLU experts, stacked; `__call__` runs `dispatch`, a function with the `DISPATCH` signature.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    `dispatch` defaults to the configured backend, `DISPATCH[cfg.moe_backend]`; on a device mesh the model is
+    built with expert parallelism wrapping that backend instead (models/moe/ep.py `expert_dispatch`).
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dispatch=None):
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.gate_up = nnx.Param(normal_init(rngs, (e, d, 2 * i), 0.02, cfg.jnp_param_dtype),
                                  axes=("exp", "embed_moe", "mlp_moe"))
         self.down = nnx.Param(normal_init(rngs, (e, i, d), 0.02, cfg.jnp_param_dtype),
                               axes=("exp", "mlp_moe", "embed_moe"))
-        self.backend = cfg.moe_backend
+        self.dispatch = DISPATCH[cfg.moe_backend] if dispatch is None else dispatch
         self.capacity_factor = cfg.capacity_factor
         self.dtype = cfg.jnp_dtype
-        # Expert parallelism over a mesh (models/moe/ep.py `enable_expert_parallelism`); None: single program.
-        self.parallel = None
 
     def __call__(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [T, D], weights [T, K], indices [T, K] -> (y [T, D], number of dropped (token, expert) pairs)."""
         x = x.astype(self.dtype)
         gate_up, down = self.gate_up[...].astype(self.dtype), self.down[...].astype(self.dtype)
-        weights = weights.astype(self.dtype)
-        if self.parallel is not None:
-            return self.parallel(x, weights, indices, gate_up, down, self.backend, self.capacity_factor)
-        return DISPATCH[self.backend](x, weights, indices, gate_up, down, capacity_factor=self.capacity_factor)
+        return self.dispatch(x, weights.astype(self.dtype), indices, gate_up, down,
+                             capacity_factor=self.capacity_factor)

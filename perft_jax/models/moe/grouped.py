@@ -173,7 +173,7 @@ def _block_products(blocks, weights, block_group, used, transpose: bool):
     return jax.lax.fori_loop(0, used, body, (out, weights))[0]
 
 
-def _weight_gradient(blocks, grads, block_group, used, weights):
+def _weight_gradient(blocks, grads, block_group, used, shape, dtype):
     """dW[g] = sum over used blocks i of group g: blocks[i]^T @ grads[i], accumulated in float32."""
 
     def body(i, dw):
@@ -181,28 +181,37 @@ def _weight_gradient(blocks, grads, block_group, used, weights):
         product = _contract(blocks[i], grads[i], 0, 0)
         return jax.lax.dynamic_update_index_in_dim(dw, dw[g] + product, g, 0)
 
-    dw = jax.lax.fori_loop(0, used, body, _zeros_varying_like(weights.shape, jnp.float32, blocks, grads, block_group))
-    return dw.astype(weights.dtype)
+    dw = jax.lax.fori_loop(0, used, body, _zeros_varying_like(shape, jnp.float32, blocks, grads, block_group))
+    return dw.astype(dtype)
 
 
 # Differentiated by hand: the loop's trip count is data-dependent, which reverse mode cannot go through.
-# dx and dW are separate loops, so that XLA drops the dW loop when the weights are frozen (the base).
+# With symbolic zeros the forward learns which operands are differentiated: the dW loop is traced only for
+# differentiated weights (adapters), never for the frozen base experts, whose blocks are then not kept either.
 @jax.custom_vjp
 def _grouped_matmul(blocks, weights, block_group, used):
     return _block_products(blocks, weights, block_group, used, transpose=False)
 
 
 def _grouped_matmul_fwd(blocks, weights, block_group, used):
-    return _grouped_matmul(blocks, weights, block_group, used), (blocks, weights, block_group, used)
+    out = _grouped_matmul(blocks.value, weights.value, block_group.value, used.value)
+    saved_blocks = blocks.value if weights.perturbed else None
+    saved_weights = weights.value if blocks.perturbed else None
+    # weights[:, :0, :0] (no data) carries the number of groups and the dtype dW needs.
+    return out, (saved_blocks, saved_weights, block_group.value, used.value, weights.value[:, :0, :0])
 
 
 def _grouped_matmul_bwd(residuals, grad):
-    blocks, weights, block_group, used = residuals
-    dx = _block_products(grad, weights, block_group, used, transpose=True)
-    return dx, _weight_gradient(blocks, grad, block_group, used, weights), None, None
+    blocks, weights, block_group, used, weights_like = residuals
+    if isinstance(grad, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    dx = None if weights is None else _block_products(grad, weights, block_group, used, transpose=True)
+    dw = None if blocks is None else _weight_gradient(
+        blocks, grad, block_group, used, (weights_like.shape[0], blocks.shape[2], grad.shape[2]), weights_like.dtype)
+    return dx, dw, None, None
 
 
-_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd, symbolic_zeros=True)
 
 
 def grouped_matmul(blocks: jax.Array, weights: jax.Array, layout: BlockLayout) -> jax.Array:

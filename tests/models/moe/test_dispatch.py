@@ -13,13 +13,16 @@ from perft_jax.config import ModelSection
 from perft_jax.models.config import MOE_BACKENDS
 from perft_jax.models.moe.experts import (
     DISPATCH,
+    auto_dispatch,
     capacity,
     capacity_dispatch,
     dense_dispatch,
     grouped_dispatch,
+    kernel_dispatch,
     ragged_dispatch,
 )
 from perft_jax.models.moe.routing import topk_routing
+from tests.testing_utils import outputs_shaped
 
 T, D, I, E, K = 24, 16, 8, 6, 2
 
@@ -53,6 +56,8 @@ BACKENDS = {
     "ragged": ragged_dispatch,
     "grouped": grouped_dispatch,
     "capacity": lambda *a, **kw: capacity_dispatch(*a, capacity_factor=float(E), **kw),  # room for every pair
+    "kernel": kernel_dispatch,  # on CPU: XLA's ragged_dot under the kernels' VJP (models/moe/kernels.py)
+    "auto": auto_dispatch,  # on CPU: grouped
 }
 
 
@@ -109,3 +114,33 @@ def test_one_list_of_backends():
     hint = typing.get_type_hints(ModelSection)["moe_backend"]
     assert set(typing.get_args(typing.get_args(hint)[0])) == set(DISPATCH)
     assert set(BACKENDS) == set(DISPATCH)  # every backend is tested here
+
+
+@pytest.mark.parametrize("backend", sorted(set(BACKENDS) - {"auto"}))
+def test_frozen_experts_get_no_weight_gradient(problem, backend):
+    """The base experts are frozen: differentiating the tokens and routing weights only must trace nothing of the
+    experts' size (no weight gradient, on every backend); differentiating the experts must."""
+    x, weights, indices, gate_up, down = problem
+
+    def loss(x, weights, gate_up, down):
+        return jnp.sum(jnp.sin(BACKENDS[backend](x, weights, indices, gate_up, down)[0]))
+
+    frozen = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, weights, gate_up, down).jaxpr
+    assert outputs_shaped(frozen, gate_up.shape) == outputs_shaped(frozen, down.shape) == 0
+    trained = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2, 3)))(x, weights, gate_up, down).jaxpr
+    assert outputs_shaped(trained, gate_up.shape) > 0 and outputs_shaped(trained, down.shape) > 0
+
+
+def test_auto_compiles_to_grouped_on_cpu(problem):
+    """`auto` is a `platform_dependent` switch; differentiating through it unions the branches' saved values in the
+    jaxpr (zeros standing in for the kernel branch's), which lowering for one platform removes: on CPU the compiled
+    backward is the grouped one, byte for byte in temporaries."""
+    x, weights, indices, gate_up, down = problem
+
+    def memory(dispatch):
+        loss = lambda x, w: jnp.sum(jnp.sin(dispatch(x, w, indices, gate_up, down)[0]))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, weights).compile().memory_analysis()
+
+    auto, grouped = memory(auto_dispatch), memory(grouped_dispatch)
+    assert (auto.temp_size_in_bytes, auto.output_size_in_bytes) == (grouped.temp_size_in_bytes,
+                                                                    grouped.output_size_in_bytes)

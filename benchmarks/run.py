@@ -1,6 +1,6 @@
 """The benchmark suite's one entry point (issue 6).
 
-    python -m benchmarks.run [--suite cpu|gpu] [--out results.json] [--only train,scaling,dispatch,converter,real]
+    python -m benchmarks.run [--suite cpu|gpu] [--out results.json] [--only train,scaling,dispatch,converter,flops,real]
                              [--repeats N]
 
 Sections, each a module with `run(args) -> dict` (a "tables" entry of markdown tables is printed):
@@ -9,6 +9,8 @@ Sections, each a module with `run(args) -> dict` (a "tables" entry of markdown t
 - dispatch:  one MoE layer, forward + backward, per backend (benchmarks/moe_dispatch.py)
 - converter: HF -> perft-jax conversion memory and throughput (benchmarks/converter.py, when present; it may
              add its own options through `add_arguments(parser)`)
+- flops:     matmul FLOPs of the exported cuda/tpu train step against the useful count, per MoE backend
+             (benchmarks/flops.py; no device needed)
 - real:      OLMoE-1B-7B at full size and Mixtral-8x7B's width: generate, convert, train, evaluate, peak RSS
              per stage against the base (benchmarks/real.py; only when named: it needs about 30 GB of disk)
 
@@ -27,9 +29,9 @@ from typing import Any
 
 from benchmarks.common import device_line, environment, write_json
 
-SECTIONS = ("train", "scaling", "dispatch", "converter", "real")
+SECTIONS = ("train", "scaling", "dispatch", "converter", "flops", "real")
 MODULES = {"train": "benchmarks.train_step", "scaling": "benchmarks.scaling", "dispatch": "benchmarks.moe_dispatch",
-           "converter": "benchmarks.converter", "real": "benchmarks.real"}
+           "converter": "benchmarks.converter", "flops": "benchmarks.flops", "real": "benchmarks.real"}
 DEFAULT_SECTIONS = SECTIONS[:-1]  # `real` writes and trains ~28 GB of checkpoints: asked for by name
 
 
@@ -50,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="capacity backend factor (default: the smallest that drops nothing on the bench batch)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
-    for name in ("benchmarks.converter", "benchmarks.real"):  # benchmarks that bring their own options
+    # benchmarks that bring their own options
+    for name in ("benchmarks.converter", "benchmarks.flops", "benchmarks.real"):
         if importlib.util.find_spec(name) is not None:
             module = importlib.import_module(name)
             if hasattr(module, "add_arguments"):

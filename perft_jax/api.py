@@ -22,7 +22,7 @@ from perft_jax.sharding import LogicalSharding
 
 
 def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_dtype: str | None = None,
-               moe_backend: str | None = None, capacity_factor: float | None = None,
+               moe_backend: str | None = None, capacity_factor: float | None = None, attention_impl: str | None = None,
                sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: Mapping[str, Any] | None = None, expert_dispatch: str | Callable = "ring",
                shard_adapters: bool = False, perft: PerftConfig | None = None, seed: int = 0) -> MoeForCausalLM:
@@ -33,7 +33,8 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
       dtype: compute dtype ("float32" | "bfloat16"); also the parameter dtype unless `param_dtype`
         is given. Default: as stored.
       param_dtype: parameter storage dtype, when it should differ from `dtype`.
-      moe_backend / capacity_factor: override the MoE dispatch backend of the stored config.
+      moe_backend / capacity_factor / attention_impl: override the MoE dispatch backend or the attention
+        implementation of the stored config.
       sharding: where parameters land; default: the first local device. Ignored when `mesh` is given.
       mesh: a device mesh (perft_jax.sharding.build_mesh): every parameter is restored straight onto its own
         `NamedSharding` given by `rules` (each process reads only the shards its devices hold).
@@ -46,7 +47,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, param_d
       perft: attach freshly initialised PERFT adapters described by this config (seeded by `seed`).
     """
     section = ModelSection(checkpoint=str(ckpt_dir), dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                           capacity_factor=capacity_factor)
+                           capacity_factor=capacity_factor, attention_impl=attention_impl)
     logical = None if mesh is None else LogicalSharding.create(mesh, rules, shard_adapters)
     return build_model(section, perft, logical, expert_dispatch=expert_dispatch, seed=seed, placement=sharding)
 

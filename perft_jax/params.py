@@ -10,6 +10,10 @@ The config is a run config (perft_jax/config.py): its `model:` section names the
 and its `perft:` section the adapters; the other sections are validated and otherwise unused here.
 `key=value` overrides use dotted paths (`perft.bottleneck=16`). `--all-variants` compares S, D, R, E
 and qv_lora at the config's bottleneck / M / K. Counts follow spec/PERFT.md §5 (perft/efficiency.py).
+`--plan DEVICE` (h100-80gb, h200-141gb, v5e-16gb, v5p-95gb, or a byte count such as 24e9 / 24GiB) prints the
+per-device memory of a training run at the config's batch, sequence length and mesh, whether it fits, and the
+smallest mesh that does (perft_jax/plan.py; `--devices N` resolves a `-1` mesh axis). A training config whose
+checkpoint is not converted yet plans with `'model.checkpoint=""' model.hf_config=configs/hf/<arch>.json`.
 
 Bad input ends with a one-line `error: ...` naming the key or file, and exit code 2.
 """
@@ -22,7 +26,7 @@ import sys
 from typing import Any
 
 from perft_jax.build import load_run_config, resolve_model_config
-from perft_jax.errors import run_cli
+from perft_jax.errors import UserError, run_cli
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.efficiency import efficiency_report, format_comparison, format_report
@@ -60,6 +64,10 @@ def model_title(cfg: ModelConfig, source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.plan is not None:
+        return run_plan(args)
+    if args.devices is not None:
+        raise UserError("--devices: only with --plan")
     model_cfg, perft_cfg, source = load_config(args.config, args.overrides)
     title = model_title(model_cfg, source)
     if args.all_variants:
@@ -68,11 +76,28 @@ def run(args: argparse.Namespace) -> str:
     return format_report(efficiency_report(model_cfg, perft_cfg), title)
 
 
+def run_plan(args: argparse.Namespace) -> str:
+    from perft_jax.plan import format_plan, make_plan, parse_device
+
+    device = parse_device(args.plan, "--plan")  # checked before the config is read or anything compiles
+    if args.devices is not None and args.devices < 1:
+        raise UserError(f"--devices: expected a positive integer, got {args.devices}")
+    if args.all_variants:
+        raise UserError("--plan: plans one config; drop --all-variants")
+    cfg = load_run_config(args.config, args.overrides)
+    model_cfg = resolve_model_config(cfg.model)
+    title = f"{model_title(model_cfg, cfg.model.checkpoint or cfg.model.hf_config)}\nperft: {cfg.perft.variant}"
+    return format_plan(make_plan(cfg, model_cfg, device, args.devices), title)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m perft_jax.params", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, type=pathlib.Path, help="YAML with model: and perft: sections")
     p.add_argument("--all-variants", action="store_true",
                    help="one row per variant (S, D, R, E, qv_lora) at the config's bottleneck / M / K")
+    p.add_argument("--plan", metavar="DEVICE",
+                   help="per-device memory plan on h100-80gb, h200-141gb, v5e-16gb, v5p-95gb or a byte count")
+    p.add_argument("--devices", type=int, metavar="N", help="with --plan: the device count for a -1 mesh axis")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. perft.top_k=4")
     return p
 

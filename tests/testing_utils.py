@@ -1,6 +1,7 @@
 """Small helpers shared by test modules: repository paths, import and jaxpr inspection."""
 import ast
 import pathlib
+import re
 
 import jax
 
@@ -19,29 +20,22 @@ def imported_top_level_modules(path: str | pathlib.Path) -> set[str]:
     return imported
 
 
-# Primitives whose sub-jaxprs do the computing (calls, loops, branches); any other primitive with a sub-jaxpr
-# (a Pallas kernel) computes its outputs itself and is counted by them.
-_PASS_THROUGH = {"pjit", "jit", "closed_call", "core_call", "while", "scan", "cond", "custom_vjp_call",
-                 "custom_jvp_call", "checkpoint", "remat", "shard_map", "custom_vjp_call_jaxpr"}
+# StableHLO ops that move a value without computing one (a loop carrying a weight, a barrier on it, a call).
+_PASS_THROUGH = {"stablehlo.while", "stablehlo.optimization_barrier", "func.call", "func.return", "stablehlo.return",
+                 "stablehlo.case", "stablehlo.if", "stablehlo.tuple", "stablehlo.get_tuple_element"}
+_OP = re.compile(r'= "?([a-z_]+\.[a-z_]+)')
 
 
-def outputs_shaped(jaxpr, shape) -> int:
-    """Equations anywhere in `jaxpr` that compute an array of `shape`: e.g. whether a backward pass builds anything
-    weight-sized for a frozen weight. Calls and loops are looked into rather than counted (a loop carrying a
-    weight through, or an optimization barrier on it, computes nothing of that size)."""
+def lowered_ops_shaped(fn, args, shape, dtype="f32") -> int:
+    """Ops of the lowered program of `jax.jit(fn)(*args)` that compute an array of `shape` (StableHLO after JAX's
+    dead-code elimination, what XLA receives): e.g. whether a backward pass builds anything weight-sized for a
+    frozen weight. Ops that only pass a value along (loops, barriers, calls) are not counted."""
+    tensor = "tensor<" + "x".join(map(str, shape)) + f"x{dtype}>"
     count = 0
-    for eqn in jaxpr.eqns:
-        subs = []
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    sub = sub.jaxpr
-                if isinstance(sub, jax.extend.core.Jaxpr):
-                    subs.append(sub)
-        if subs and eqn.primitive.name in _PASS_THROUGH:
-            count += sum(outputs_shaped(sub, shape) for sub in subs)
-        elif eqn.primitive.name != "optimization_barrier":
-            count += sum(getattr(v.aval, "shape", None) == tuple(shape) for v in eqn.outvars)
+    for line in jax.jit(fn).lower(*args).as_text().splitlines():
+        op = _OP.search(line)
+        result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
+        count += bool(op) and op.group(1) not in _PASS_THROUGH and tensor in result
     return count
 
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from perft_jax.data.config import DataConfig
-from perft_jax.data.tokenize import IGNORE_INDEX
 from perft_jax.errors import UserError
+from perft_jax.labels import IGNORE_INDEX
 
 Batch = dict[str, np.ndarray]
 

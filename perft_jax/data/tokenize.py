@@ -14,12 +14,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from perft_jax.errors import UserError
+from perft_jax.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from perft_jax.data.config import DataConfig
-
-# Label of a token the loss ignores (HF / optax convention, README §2).
-IGNORE_INDEX = -100
 
 # Special-token spellings looked up in a bare tokenizer.json, which carries no tokenizer_config.json.
 # OLMoE's file (ENGINEERING.md §8): eos `<|endoftext|>` = 50279, pad `<|padding|>` = 1, no BOS.

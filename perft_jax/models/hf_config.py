@@ -1,7 +1,6 @@
 """Read a Hugging Face `config.json` into a :class:`ModelConfig` (no weights involved)."""
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import transformers
 
 from perft_jax.errors import UserError
+from perft_jax.io import read_json_object
 from perft_jax.models.architecture import Architecture
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.mixtral import MIXTRAL
@@ -20,14 +20,7 @@ ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (OLM
 def read_hf_config_file(path: str | os.PathLike) -> tuple[ModelConfig, Architecture, dict[str, Any]]:
     """Parse `config.json` with transformers' own config class (its defaults and legacy keys included)."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: missing model config")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable config ({e.__class__.__name__}: {e})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, "model config")
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UserError(f"{path}: unknown model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")

@@ -38,38 +38,28 @@ def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
     upcasts every bfloat16 transpose, so JAX's own derivative (a float32 cotangent against a bfloat16 `w`,
     or a transposed `w`) made XLA convert each whole weight to float32 and keep that copy from the forward to
     the backward: 2x the bfloat16 base in temporaries (issue 11). Here the backward contracts `w` in place,
-    in its own dtype. dW is built only when `w` is differentiated (symbolic zeros), never for the frozen base.
+    in its own dtype. dW is written here but never reaches the program for a frozen `w`: JAX's dead-code elimination
+    drops it before lowering (tests/models/moe/test_dispatch.py checks the lowered program). Symbolic zeros
+    (`defvjp(..., symbolic_zeros=True)`) would say so by construction, but under `nnx.remat` jax 0.10.2 reuses a
+    custom-VJP forward traced for other perturbed inputs and fails (tests/train/test_remat.py, PERFT-R).
     """
     batch = w.ndim - 2
     return _contract(x, w, x.ndim - 1, batch + (1 if transpose_w else 0), batch).astype(x.dtype)
 
 
 def _matmul_fwd(x, w, transpose_w):
-    # symbolic_zeros: x and w arrive as CustomVJPPrimal, saying whether each is differentiated. Each operand is
-    # kept only when the other's gradient is wanted, so for a frozen base weight the activations are not kept
-    # and dW is never traced (not merely dropped by XLA afterwards). x[:0] / w[:0] (no data) carry the dtypes
-    # and manual mesh axes the cotangents must match.
-    out = matmul(x.value, w.value, transpose_w)
-    saved_x = x.value if w.perturbed else None
-    saved_w = w.value if x.perturbed else None
-    return out, (saved_x, saved_w, x.value[:0], w.value[:0])
+    return matmul(x, w, transpose_w), (x, w)
 
 
 def _matmul_bwd(transpose_w, residuals, g):
-    x, w, x_like, w_like = residuals
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        return None, None
-    batch = w_like.ndim - 2
-    g = g.astype(x_like.dtype)
-    dx = dw = None
-    if w is not None:
-        dx = _like(_contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch).astype(x_like.dtype), x_like)
-    if x is not None:  # w differentiated: an adapter or a full fine-tune, never the frozen base
-        lead = x.shape[:batch]
-        rows, grads = x.reshape(*lead, -1, x.shape[-1]), g.reshape(*lead, -1, g.shape[-1])
-        dw = _contract(grads, rows, batch, batch, batch) if transpose_w else _contract(rows, grads, batch, batch, batch)
-        dw = _like(dw.astype(w_like.dtype), w_like)
-    return dx, dw
+    x, w = residuals
+    batch = w.ndim - 2
+    g = g.astype(x.dtype)
+    dx = _contract(g, w, g.ndim - 1, batch + (0 if transpose_w else 1), batch)
+    lead = x.shape[:batch]
+    rows, grads = x.reshape(*lead, -1, x.shape[-1]), g.reshape(*lead, -1, g.shape[-1])
+    dw = _contract(grads, rows, batch, batch, batch) if transpose_w else _contract(rows, grads, batch, batch, batch)
+    return _like(dx.astype(x.dtype), x), _like(dw.astype(w.dtype), w)
 
 
 def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
@@ -80,7 +70,7 @@ def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):

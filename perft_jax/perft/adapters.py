@@ -6,8 +6,9 @@ or optimizer state.
 
 An :class:`AdapterBank` holds M adapter experts of one form with stacked weights. Always-on and
 DynMoLE-gated banks run every adapter on every token, combined with per-token gates [T, M]. Top-k routed
-banks (PERFT-R, PERFT-E) run only the chosen K of M per token (`routed`): rows sorted by adapter into
-fixed-size blocks (models/moe/grouped.py), so cost follows K, not M.
+banks (PERFT-R, PERFT-E) run only the chosen K of M per token (`routed`): rows sorted by adapter through the
+base experts' routed pipeline (models/moe/experts.py `ROUTED_FFN`: the grouped block loop or the grouped-matmul
+kernels; the adapters are groups too), so cost follows K, not M.
 
 Shapes: T tokens, D model width, M adapter experts, R bottleneck (LoRA rank r or adapter width D_B).
 Weights are stored (in, out), i.e. the reference PyTorch `nn.Linear` weights transposed.
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from perft_jax.models.moe import grouped
+from perft_jax.models.moe.experts import ROUTED_FFN
 from perft_jax.perft.config import PerftConfig
 from perft_jax.sharding import TRAINABLE
 
@@ -74,13 +75,24 @@ class AdapterBank(nnx.Module):
         first, second = (self.lora_A, self.lora_B) if lora else (self.adapter_w1, self.adapter_w2)
         return first[...].astype(self.dtype), second[...].astype(self.dtype)
 
-    def _hidden(self, x: jax.Array, project) -> jax.Array:
-        """The bottleneck activations, `project` applying the first matrix; dropout where the reference has it."""
+    def _hidden(self, x: jax.Array, project, dropout_key: jax.Array | None = None) -> jax.Array:
+        """The bottleneck activations, `project` applying the first matrix; dropout where the reference has it.
+
+        `dropout_key`: the dropout key drawn beforehand (None: dropout draws from its own stream)."""
         cfg = self.cfg
+        drop = functools.partial(self.dropout, rngs=dropout_key)
         if cfg.adapter == "lora":
-            return project(self.dropout(x)) * (cfg.lora_alpha / cfg.bottleneck)  # LoRA: dropout on the input
+            return project(drop(x)) * (cfg.lora_alpha / cfg.bottleneck)  # LoRA: dropout on the input
         # Parallel adapter: dropout after W1, before the activation (reference Parallel_Adapter).
-        return ACTIVATIONS[cfg.activation](self.dropout(project(x)))
+        return ACTIVATIONS[cfg.activation](drop(project(x)))
+
+    def _dropout_key(self) -> jax.Array | None:
+        """The next key of the dropout stream if dropout is active, drawn outside the routed pipeline: `auto`
+        traces the pipeline inside `lax.platform_dependent`, where an nnx RNG stream cannot advance."""
+        dropout = self.dropout
+        if dropout.rate == 0.0 or dropout.deterministic or dropout.rngs is None:
+            return None
+        return dropout.rngs()
 
     def __call__(self, x: jax.Array, gates: jax.Array | None = None) -> jax.Array:
         """Every adapter on every token: x [T, D], gates [T, M] (None: all weighted 1) -> [T, D]."""
@@ -94,9 +106,10 @@ class AdapterBank(nnx.Module):
     def routed(self, x: jax.Array, weights: jax.Array, indices: jax.Array, dispatch: str = "grouped") -> jax.Array:
         """Only the chosen adapters: x [T, D], weights / indices [T, K] -> sum_k w_tk A_{i_tk}(x_t), [T, D].
 
-        `dispatch` "grouped": the pairs sorted by adapter through the base experts' grouped pipeline
-        (models/moe/grouped.py `grouped_ffn`), equal to `self(x, dense gates)` (without dropout) at K / M of
-        its FLOPs plus block padding. "dense": every adapter on every token with the routing as dense gates;
+        `dispatch` a key of models/moe/experts.py `ROUTED_FFN` ("grouped", "kernel", "auto": perft/attach.py
+        picks the base experts' own, `experts.routed_pipeline`): the pairs sorted by adapter through that routed
+        pipeline, equal to `self(x, dense gates)` (without dropout) at K / M of its FLOPs (plus block padding
+        for "grouped"). "dense": every adapter on every token with the routing as dense gates;
         models on a device mesh use it (perft/attach.py picks it from the model's sharding): it splits over the
         batch with no communication, where sorting would gather every shard's tokens, and adapters are well
         under 1 % of a real model's FLOPs, so the extra M / K of them costs little there.
@@ -104,8 +117,11 @@ class AdapterBank(nnx.Module):
         if dispatch == "dense":
             rows = jnp.arange(indices.shape[0])[:, None]
             return self(x, jnp.zeros((indices.shape[0], self.num), weights.dtype).at[rows, indices].set(weights))
+        if dispatch not in ROUTED_FFN:
+            raise ValueError(f"unknown routed dispatch {dispatch!r}; expected 'dense' or one of {sorted(ROUTED_FFN)}")
         first, second = self._matrices()
-        return grouped.grouped_ffn(x.astype(self.dtype), weights, indices, first, second, self._hidden)
+        hidden = functools.partial(self._hidden, dropout_key=self._dropout_key())
+        return ROUTED_FFN[dispatch](x.astype(self.dtype), weights, indices, first, second, hidden)
 
 
 class LoRA(nnx.Module):

@@ -7,6 +7,7 @@ from flax import nnx
 
 from perft_jax.errors import UserError
 from perft_jax.models.decoder import MoeForCausalLM
+from perft_jax.models.moe.experts import routed_pipeline
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.variants import VARIANTS
@@ -20,7 +21,8 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
     Adapter weights are kept in `param_dtype` (float32 by default, also under a bfloat16 base: the
     paper's setup) and computed in the model's compute dtype. `cfg` is recorded on the model
     (`model.perft_config`): the one record of what the adapters are, which saving and loading read.
-    Routed banks run sorted by adapter on one device and densely gated on a mesh (`AdapterBank.routed`).
+    Routed banks run sorted by adapter on one device, through the routed pipeline of the model's MoE backend
+    (`experts.routed_pipeline(model.config.moe_backend)`), and densely gated on a mesh (`AdapterBank.routed`).
     """
     mcfg = model.config
     cfg.validate_config()
@@ -30,7 +32,8 @@ def attach_perft(model: MoeForCausalLM, cfg: PerftConfig, seed: int = 0,
     if has_adapters(model):
         raise UserError("model already carries adapters; load into them or start from a base model")
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    routed_dispatch = "grouped" if model_sharding(model) is None else "dense"
+    # Decided here, from what the model was built with, never from an ambient mesh at call time.
+    routed_dispatch = routed_pipeline(mcfg.moe_backend) if model_sharding(model) is None else "dense"
     for layer in model.layers:
         VARIANTS[cfg.variant].attach(layer, mcfg, cfg, rngs, param_dtype, routed_dispatch)
     model.perft_config = cfg

@@ -32,7 +32,7 @@ class SharedAdapters(nnx.Module):
 class EmbeddedAdapters(nnx.Module):
     """PERFT-E: adapter i lives inside base expert i, so it is weighted by the frozen router's g_i.
 
-    `dispatch`: how the routed bank runs (`AdapterBank.routed`: "grouped" or "dense").
+    `dispatch`: how the routed bank runs (`AdapterBank.routed`: a routed pipeline's name, or "dense").
     """
 
     def __init__(self, num_experts: int, width: int, cfg: PerftConfig, rngs: nnx.Rngs, param_dtype, dtype,
@@ -41,7 +41,9 @@ class EmbeddedAdapters(nnx.Module):
         self.dispatch = dispatch
 
     def __call__(self, x, base_weights, base_indices):
-        # sum_{i in topk} g_i (E_i(x) + A_i(x)) = MoE(x) + sum_i g_i A_i(x)
+        # sum_{i in topk} g_i (E_i(x) + A_i(x)) = MoE(x) + sum_i g_i A_i(x). The base's own (weights, indices)
+        # through the base's pipeline: the same sorted layout, which XLA computes once for both (its CSE merges
+        # the two identical sorts; tests/perft/test_branches.py pins the count), so no layout is passed around.
         return self.bank.routed(x, base_weights, base_indices, self.dispatch), None
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from perft_jax.data.tokenize import IGNORE_INDEX
+from perft_jax.labels import IGNORE_INDEX
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeLMOutput
 from perft_jax.models.moe.routing import load_balancing_loss

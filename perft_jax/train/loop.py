@@ -23,9 +23,10 @@ from perft_jax.checkpoint.run import RunCheckpointer, preemption_guard
 from perft_jax.config import Config
 from perft_jax.data.batching import BatchIterator, RaggedRows, eval_batches
 from perft_jax.data.dataset import build_training_data
-from perft_jax.data.tokenize import IGNORE_INDEX, load_tokenizer
+from perft_jax.data.tokenize import load_tokenizer
 from perft_jax.distributed import any_process, global_batch, initialize
 from perft_jax.errors import UserError
+from perft_jax.labels import IGNORE_INDEX
 from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.models.moe.experts import describe_backend
 from perft_jax.optim import learning_rate_schedule

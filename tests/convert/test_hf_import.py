@@ -184,7 +184,8 @@ REFUSALS = {
                              f"tensor {ROUTER} has dtype I32"),
     "unknown model_type": (lambda d: _edit_config(d, model_type="llama"), "unknown model_type 'llama'"),
     "missing config": (lambda d: (d / "config.json").unlink(), "config.json: missing model config"),
-    "unreadable config": (lambda d: (d / "config.json").write_text("{not json"), "config.json: unreadable config"),
+    "unreadable config": (lambda d: (d / "config.json").write_text("{not json"),
+                          "config.json: unreadable model config"),
     "pickle weights": (lambda d: _to_pickle(d), "pytorch_model.bin: pickle-based PyTorch weights are refused"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
 }

@@ -9,8 +9,9 @@ from testing_utils import CharTokenizer
 
 from perft_jax.data.config import DataConfig
 from perft_jax.data.prompts import record_prompt_split
-from perft_jax.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_batch, tokenize_example
+from perft_jax.data.tokenize import load_tokenizer, tokenize_batch, tokenize_example
 from perft_jax.errors import UserError
+from perft_jax.labels import IGNORE_INDEX
 
 OLMOE_EOS, OLMOE_PAD = 50279, 1  # ENGINEERING.md §8
 MIXTRAL_BOS, MIXTRAL_EOS = 1, 2

@@ -40,7 +40,8 @@ def _tiny(**changes) -> ModelConfig:
 @pytest.mark.parametrize("changes, message", [
     (dict(num_experts_per_tok=5), "model.num_experts_per_tok: expected at most num_experts=4, got 5"),
     (dict(num_kv_heads=3), "model.num_kv_heads: expected a divisor of num_heads=2, got 3"),
-    (dict(moe_backend="megablox"), "model.moe_backend: expected one of ['dense', 'capacity', 'grouped', 'ragged']"),
+    (dict(moe_backend="megablox"),
+     "model.moe_backend: expected one of ['auto', 'dense', 'capacity', 'grouped', 'ragged', 'kernel']"),
     (dict(dtype="float8"), "model.dtype: expected one of"),
     (dict(hidden_size=0), "model.hidden_size: expected a positive integer, got 0"),
     (dict(head_dim=7), "model.head_dim: expected an even number"),

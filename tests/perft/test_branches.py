@@ -1,5 +1,8 @@
-"""PERFT compositions on tiny models: shapes, exact-zero start, routing against hand computation."""
+"""PERFT compositions on tiny models: shapes, exact-zero start, routing against hand computation, routed adapters
+on the base experts' backend."""
 from __future__ import annotations
+
+import re
 
 import chex
 import jax
@@ -11,10 +14,14 @@ from tiny_models import tiny_model_config
 
 from perft_jax import ModelConfig, UserError, init_model
 from perft_jax.config_parsing import from_dict
+from perft_jax.optim import OptimConfig
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.branches import RoutedAdapters
 from perft_jax.perft.config import PerftConfig
+from perft_jax.sharding import LogicalSharding, MeshConfig, build_mesh, remember_sharding
+from perft_jax.train.optim import make_optimizer
+from perft_jax.train.step import loss_fn, train_step
 
 VARIANTS = ["perft_s", "perft_d", "perft_r", "perft_e", "qv_lora"]
 D, E, K_BASE, M, K, R = 32, 4, 2, 3, 2, 5
@@ -121,6 +128,70 @@ def test_perft_r_follows_the_base_models_renormalisation():
     for arch, renorm in (("olmoe", False), ("mixtral", True)):
         model = attach_perft(init_model(tiny_config(arch)), PerftConfig(variant="perft_r", top_k=2))
         assert model.layers[0].moe.adapters.renormalize is renorm
+
+
+# ---- routed adapters on the base experts' path (issue 13) ----
+
+@pytest.mark.parametrize("backend,pipeline", [("grouped", "grouped"), ("kernel", "kernel"), ("auto", "auto"),
+                                              ("dense", "auto"), ("capacity", "auto"), ("ragged", "auto")])
+def test_routed_adapters_follow_the_moe_backend(backend, pipeline):
+    cfg = tiny_config("olmoe").replace(moe_backend=backend)
+    for variant in ("perft_r", "perft_e"):
+        model = attach_perft(init_model(cfg), PerftConfig(variant=variant, num_adapters=M, top_k=K))
+        assert model.layers[0].moe.adapters.dispatch == pipeline
+    # On a device mesh (here a one-device one): densely gated, whatever the backend.
+    model = init_model(cfg)
+    remember_sharding(model, LogicalSharding.create(build_mesh(MeshConfig())))
+    assert attach_perft(model, PerftConfig(variant="perft_e")).layers[0].moe.adapters.dispatch == "dense"
+
+
+def _batch():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
+    mask = jnp.ones_like(ids).at[0, :3].set(0)
+    return {"input_ids": ids, "labels": jnp.where(mask == 1, ids, -100), "attention_mask": mask}
+
+
+def _compiled_sorts(backend: str, variant: str) -> int:
+    """Sort ops in the optimised HLO of a jitted forward + backward on one tiny batch."""
+    cfg = tiny_config("olmoe").replace(moe_backend=backend)
+    perft = PerftConfig(variant=variant, bottleneck=R, num_adapters=M, top_k=K)
+    model = attach_perft(init_model(cfg), perft)
+    trained = AdapterParam if variant != "none" else nnx.Param  # the base alone: its full backward
+    step = nnx.jit(nnx.grad(lambda m, b: loss_fn(m, b, cfg, perft), argnums=nnx.DiffState(0, trained), has_aux=True))
+    return len(re.findall(r"\ssort\(", step.lower(model, _batch()).compile().as_text()))
+
+
+@pytest.mark.parametrize("backend", ["grouped", "kernel"])
+def test_perft_e_sorts_no_more_than_the_base(backend):
+    """PERFT-E's adapters route by exactly the base's (weights, indices) through the base's pipeline, so they
+    sort exactly as the experts do, and XLA's CSE merges the two sorts: no sort of its own. (Traced, each layer
+    has two argsorts; compiled, one.) PERFT-R's own router adds one sort per layer."""
+    base = _compiled_sorts(backend, "none")
+    assert base == tiny_config("olmoe").num_layers
+    assert _compiled_sorts(backend, "perft_e") == base
+    assert _compiled_sorts(backend, "perft_r") == 2 * base
+
+
+def test_kernel_backend_trains_one_step_as_grouped_does():
+    """PERFT-R and PERFT-E on the `kernel` backend (adapters through the grouped-matmul kernels, XLA's on CPU)
+    and on `grouped`: the same loss, gradients and updated adapters, float32."""
+    batch = _batch()
+    for variant in ("perft_r", "perft_e"):
+        perft = PerftConfig(variant=variant, bottleneck=R, num_adapters=M, top_k=K)
+        results = []
+        for backend in ("grouped", "kernel"):
+            cfg = tiny_config("olmoe").replace(moe_backend=backend)
+            model = attach_perft(init_model(cfg, seed=1), perft, seed=2)
+            grad_fn = nnx.jit(nnx.grad(lambda m, b: loss_fn(m, b, cfg, perft), argnums=nnx.DiffState(0, AdapterParam),
+                                       has_aux=True))
+            grads, _ = grad_fn(model, batch)
+            optimizer = make_optimizer(model, OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
+            loss = train_step(model, optimizer, batch, cfg, perft)["total"]
+            results.append((loss, nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(model, AdapterParam))))
+        (loss, grads, after), (want_loss, want_grads, want_after) = results
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(after, want_after, rtol=1e-5, atol=1e-7)
 
 
 # ---- configuration errors name the key ----

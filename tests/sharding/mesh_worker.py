@@ -67,6 +67,8 @@ CASES = {
     "tensor 1,2,1,4": ((1, 2, 1, 4), "capacity", "ring", "perft_r", False),
     "a2a 2,1,4,1": ((2, 1, 4, 1), "ragged", "a2a", "perft_r", False),
     "a2a 1,2,2,2": ((1, 2, 2, 2), "capacity", "a2a", "perft_r", False),
+    # The accelerator kernels' path (XLA's ragged_dot on CPU), the one run with check_vma=False (ep.local_backend).
+    "kernel 2,1,4,1": ((2, 1, 4, 1), "kernel", "ring", "perft_r", False),
     "sharded adapters perft_r 2,1,4,1": ((2, 1, 4, 1), "dense", "ring", "perft_r", True),
     "sharded adapters perft_e 2,2,2,1": ((2, 2, 2, 1), "dense", "ring", "perft_e", True),
 }

@@ -26,8 +26,8 @@ from perft_jax.convert.hf_to_jax import convert_hf_to_jax
 WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
 TOL = 1e-5  # float32; every difference measured is below 3.4e-6
 MESHES = ["8,1,1,1", "2,1,4,1", "1,2,4,1", "2,2,2,1"]
-CASES = ["tensor 1,1,2,4", "tensor 1,2,1,4", "a2a 2,1,4,1", "a2a 1,2,2,2", "sharded adapters perft_r 2,1,4,1",
-         "sharded adapters perft_e 2,2,2,1"]
+CASES = ["tensor 1,1,2,4", "tensor 1,2,1,4", "a2a 2,1,4,1", "a2a 1,2,2,2", "kernel 2,1,4,1",
+         "sharded adapters perft_r 2,1,4,1", "sharded adapters perft_e 2,2,2,1"]
 
 
 @pytest.fixture(scope="module")

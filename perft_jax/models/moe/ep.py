@@ -54,7 +54,7 @@ def _spec_entry(axes: tuple[str, ...]):
 
 
 def _expert_shard_map(mesh: jax.sharding.Mesh, token_axes: tuple[str, ...], expert_axes: tuple[str, ...], local,
-                      x, weights, indices, gate_up, down):
+                      check_vma: bool, x, weights, indices, gate_up, down):
     """The prologue and epilogue both dispatches share: pad the tokens to equal shards, run
     `local(x, weights, indices, gate_up, down) -> (y, dropped)` per device under `shard_map` (tokens split over
     `token_axes`, experts over `expert_axes`), drop the padding. Returns (y [T, D], dropped)."""
@@ -62,7 +62,7 @@ def _expert_shard_map(mesh: jax.sharding.Mesh, token_axes: tuple[str, ...], expe
     x, weights, indices = _pad_tokens(x, weights, indices, _num_shards(mesh, token_axes))
     tokens, experts = P(_spec_entry(token_axes)), P(_spec_entry(expert_axes))
     y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts),
-                               out_specs=(tokens, P()), check_vma=True)(x, weights, indices, gate_up, down)
+                               out_specs=(tokens, P()), check_vma=check_vma)(x, weights, indices, gate_up, down)
     return y[:t], dropped
 
 
@@ -76,13 +76,15 @@ class RingOfExperts:
         mesh: the device mesh.
         token_axes: mesh axes the flattened tokens [T, D] are split over (size-1 axes left out).
         expert_axes: mesh axes the expert dimension is split over: () or ("expert",).
-        local: the model's backend (`DISPATCH[cfg.moe_backend]`), run on the local experts.
+        local: the model's backend (`local_backend`), run on the local experts.
+        check_vma: `shard_map`'s type check of which values vary over which mesh axes (see `local_backend`).
     """
 
     mesh: jax.sharding.Mesh
     token_axes: tuple[str, ...]
     expert_axes: tuple[str, ...]
     local: Callable
+    check_vma: bool = True
 
     def __call__(self, x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float,
                  cap: int | None = None):
@@ -109,7 +111,8 @@ class RingOfExperts:
             count_axes = tuple(dict.fromkeys(self.token_axes + self.expert_axes))
             return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
 
-        return _expert_shard_map(self.mesh, self.token_axes, self.expert_axes, local, x, weights, indices, gate_up,
+        return _expert_shard_map(self.mesh, self.token_axes, self.expert_axes, local, self.check_vma, x, weights,
+                                 indices, gate_up,
                                  down)
 
 
@@ -160,13 +163,15 @@ class RaggedAllToAll:
     Attributes:
         mesh: the device mesh.
         token_axes: mesh axes the flattened tokens [T, D] are split over; must include `expert`.
-        local: the model's backend, run on the received pairs.
+        local: the model's backend (`local_backend`), run on the received pairs.
+        check_vma: as for `RingOfExperts`.
         emulate: exchange with `emulated_ragged_all_to_all` instead of `jax.lax.ragged_all_to_all` (CPU tests).
     """
 
     mesh: jax.sharding.Mesh
     token_axes: tuple[str, ...]
     local: Callable
+    check_vma: bool = True
     emulate: bool = False
 
     def __call__(self, x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float,
@@ -211,7 +216,8 @@ class RaggedAllToAll:
             count_axes = tuple(dict.fromkeys(self.token_axes + (EXPERT_AXIS,)))
             return y, jax.lax.psum(dropped, count_axes)
 
-        return _expert_shard_map(self.mesh, self.token_axes, (EXPERT_AXIS,), local, x, weights, indices, gate_up,
+        return _expert_shard_map(self.mesh, self.token_axes, (EXPERT_AXIS,), local, self.check_vma, x, weights,
+                                 indices, gate_up,
                                  down)
 
 
@@ -228,9 +234,24 @@ def _dispatch_axes(sharding: LogicalSharding, num_experts: int, what: str) -> tu
     return token_axes, expert_axes
 
 
+def local_backend(sharding: LogicalSharding, cfg: ModelConfig) -> tuple[Callable, bool]:
+    """The backend each device runs under `shard_map`, and whether `shard_map` may check value variance.
+
+    `auto` is resolved here, by the mesh's platform (grouped on CPU, kernel elsewhere), not by
+    `lax.platform_dependent`: that traces every platform's branch, and the Pallas kernels cannot be traced inside a
+    variance-checked `shard_map` (jax 0.10.2's `pallas_call` builds its outputs without manual-axis types). For
+    the same reason the `kernel` backend runs with `check_vma=False`; the cotangents of values replicated over an
+    axis are then summed by `shard_map`'s own transpose, not by the custom VJPs (layers._like)."""
+    backend = cfg.moe_backend
+    if backend == "auto":
+        backend = "grouped" if sharding.mesh.devices.flat[0].platform == "cpu" else "kernel"
+    return DISPATCH[backend], backend != "kernel"
+
+
 def ring_of_experts(sharding: LogicalSharding, cfg: ModelConfig) -> RingOfExperts:
     """The ring for a mesh and rules around the model's backend; a one-line error when E does not split."""
-    return RingOfExperts(sharding.mesh, *_dispatch_axes(sharding, cfg.num_experts, "ring"), DISPATCH[cfg.moe_backend])
+    token_axes, expert_axes = _dispatch_axes(sharding, cfg.num_experts, "ring")
+    return RingOfExperts(sharding.mesh, token_axes, expert_axes, *local_backend(sharding, cfg))
 
 
 def ragged_all_to_all(sharding: LogicalSharding, cfg: ModelConfig,
@@ -238,9 +259,9 @@ def ragged_all_to_all(sharding: LogicalSharding, cfg: ModelConfig,
     """The ragged all-to-all dispatch; with experts not split (expert axis of size 1) nothing has to travel,
     and the ring (then a plain local call) is returned. One-line errors on CPU and for unusable rules."""
     token_axes, expert_axes = _dispatch_axes(sharding, cfg.num_experts, "ragged_a2a")
-    local = DISPATCH[cfg.moe_backend]
+    local, check_vma = local_backend(sharding, cfg)
     if not expert_axes:
-        return RingOfExperts(sharding.mesh, token_axes, expert_axes, local)
+        return RingOfExperts(sharding.mesh, token_axes, expert_axes, local, check_vma)
     if EXPERT_AXIS not in token_axes:
         raise UserError("mesh.expert_dispatch: ragged_a2a needs the batch split over 'expert' too "
                         "(logical_axis_rules.activation_batch must include expert); use ring otherwise")
@@ -248,7 +269,7 @@ def ragged_all_to_all(sharding: LogicalSharding, cfg: ModelConfig,
     if platform == "cpu" and not emulate:
         raise UserError("mesh.expert_dispatch: ragged_a2a needs a GPU or TPU (XLA:CPU does not implement "
                         "ragged-all-to-all, jax #34755); use ring on CPU")
-    return RaggedAllToAll(sharding.mesh, token_axes, local, emulate)
+    return RaggedAllToAll(sharding.mesh, token_axes, local, check_vma, emulate)
 
 
 def gspmd(sharding: LogicalSharding, cfg: ModelConfig) -> Callable:

@@ -18,6 +18,9 @@ with one signature `(x, weights, indices, gate_up, down, valid=None, *, capacity
   megablox on TPU, Pallas Mosaic-GPU on Hopper, XLA's ragged_dot otherwise), with a VJP that never builds
   the frozen base's weight gradient; dropless.
 - `auto` (the default): `grouped` on CPU, `kernel` on GPU and TPU, chosen when the program is lowered.
+
+Routed PERFT adapters (PERFT-R, PERFT-E) are groups too: on one device they run through the base's routed
+pipeline (`ROUTED_FFN[routed_pipeline(moe_backend)]`, the two-matrix form of `grouped` / `kernel` / `auto`).
 """
 from __future__ import annotations
 
@@ -142,6 +145,35 @@ def auto_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_fa
 # (tests/models/moe/test_dispatch.py holds them equal).
 DISPATCH = {"auto": auto_dispatch, "dense": dense_dispatch, "capacity": capacity_dispatch,
             "grouped": grouped_dispatch, "ragged": ragged_dispatch, "kernel": kernel_dispatch}
+
+
+def auto_ffn(x, weights, indices, first, second, hidden, num_groups=None):
+    """`grouped.grouped_ffn` on CPU, `kernels.routed_ffn` elsewhere: the routed pipeline of `auto`, chosen when
+    lowering as `auto_dispatch` chooses (a routed adapter bank's `hidden` must then not advance nnx RNG state:
+    the branches are traced inside `lax.platform_dependent`)."""
+
+    def branch(ffn):
+        return lambda *a: ffn(*a, hidden, num_groups).astype(x.dtype)
+
+    return jax.lax.platform_dependent(x, weights, indices, first, second, cpu=branch(grouped.grouped_ffn),
+                                      default=branch(kernels.routed_ffn))
+
+
+# Pipeline name -> the routed two-matrix pipeline (`grouped.grouped_ffn`'s contract) the routed adapter banks run
+# on one device, so that they follow the base experts' backend (perft/adapters.py `AdapterBank.routed`).
+ROUTED_FFN = {"auto": auto_ffn, "grouped": grouped.grouped_ffn, "kernel": kernels.routed_ffn}
+
+
+def routed_pipeline(moe_backend: str) -> str:
+    """The `ROUTED_FFN` key for routed adapters beside base experts on `moe_backend` (one device).
+
+    `grouped` / `kernel` / `auto`: the base's own pipeline (PERFT-E's adapters then sort exactly as the experts
+    do, and XLA merges the two sorts). `dense`, `capacity`, `ragged` have no adapter form worth having (dense
+    gates cost M / K, capacity drops pairs, ragged_dot is what `kernel` runs through XLA anyway): `auto`, which
+    is today's `grouped` on CPU and the kernels where the grouped block loop would be a serial loop of small
+    matmuls.
+    """
+    return moe_backend if moe_backend in ROUTED_FFN else "auto"
 
 
 def describe_backend(cfg: ModelConfig, platform: str) -> str:

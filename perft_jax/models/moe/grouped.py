@@ -186,32 +186,24 @@ def _weight_gradient(blocks, grads, block_group, used, shape, dtype):
 
 
 # Differentiated by hand: the loop's trip count is data-dependent, which reverse mode cannot go through.
-# With symbolic zeros the forward learns which operands are differentiated: the dW loop is traced only for
-# differentiated weights (adapters), never for the frozen base experts, whose blocks are then not kept either.
+# dx and dW are separate loops, so that the dW loop is dead code when the weights are frozen (the base): JAX
+# drops it before lowering. (Not symbolic zeros: see layers.matmul for why.)
 @jax.custom_vjp
 def _grouped_matmul(blocks, weights, block_group, used):
     return _block_products(blocks, weights, block_group, used, transpose=False)
 
 
 def _grouped_matmul_fwd(blocks, weights, block_group, used):
-    out = _grouped_matmul(blocks.value, weights.value, block_group.value, used.value)
-    saved_blocks = blocks.value if weights.perturbed else None
-    saved_weights = weights.value if blocks.perturbed else None
-    # weights[:, :0, :0] (no data) carries the number of groups and the dtype dW needs.
-    return out, (saved_blocks, saved_weights, block_group.value, used.value, weights.value[:, :0, :0])
+    return _grouped_matmul(blocks, weights, block_group, used), (blocks, weights, block_group, used)
 
 
 def _grouped_matmul_bwd(residuals, grad):
-    blocks, weights, block_group, used, weights_like = residuals
-    if isinstance(grad, jax.custom_derivatives.SymbolicZero):
-        return None, None, None, None
-    dx = None if weights is None else _block_products(grad, weights, block_group, used, transpose=True)
-    dw = None if blocks is None else _weight_gradient(
-        blocks, grad, block_group, used, (weights_like.shape[0], blocks.shape[2], grad.shape[2]), weights_like.dtype)
-    return dx, dw, None, None
+    blocks, weights, block_group, used = residuals
+    dx = _block_products(grad, weights, block_group, used, transpose=True)
+    return dx, _weight_gradient(blocks, grad, block_group, used, weights.shape, weights.dtype), None, None
 
 
-_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd, symbolic_zeros=True)
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def grouped_matmul(blocks: jax.Array, weights: jax.Array, layout: BlockLayout) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Grouped matmul kernels for GPU/TPU (`gmm`), one custom VJP over all of them, and the dispatch built on it.
+"""Grouped matmul kernels for GPU/TPU (`gmm`), one custom VJP over all of them, and the routed pipeline built on
+it (`routed_ffn`: the `kernel` backend's experts and routed adapter banks).
 
 `gmm(lhs [M, K], rhs [G, K, N], group_sizes [G])`: rows of lhs are sorted by group, group g's rows times
 rhs[g]; rows past sum(group_sizes) come out as zeros. Implementations, by name (`IMPLS`):
@@ -20,12 +21,11 @@ without a GPU ("NotImplementedError: Not supported on cpu." from every implement
 it to be better. Revisit with measurements on a GPU.
 
 Gradients (`_gmm_vjp`): d lhs = gmm(cotangent, rhs transposed) (every kernel reads rhs transposed in place),
-d rhs = per-group lhs^T @ cotangent (tgmm). The VJP uses symbolic zeros: the forward learns which inputs are
-perturbed, keeps lhs only when rhs is and rhs only when lhs is, and the backward builds only those gradients.
-A frozen base expert (a non-differentiated input) therefore never has a weight gradient traced, and its
-forward keeps the weights, not the activations, for the backward: by construction, not by relying on dead-code
-elimination (which does drop an unused tgmm in a plain jitted step: the exported-module kernel counts in the
-tests come out the same without symbolic zeros; the jaxpr tests are the ones that pin the construction).
+d rhs = per-group lhs^T @ cotangent (tgmm). For a frozen rhs (the base experts, a non-differentiated input) d rhs
+is dead code that JAX's dead-code elimination removes before lowering: the lowered program never holds an
+expert-weight gradient (tests/models/moe/test_kernels.py and test_dispatch.py read the lowered StableHLO).
+Symbolic zeros would make that hold by construction, but jax 0.10.2 under `nnx.remat` reuses a custom-VJP
+forward traced for other perturbed inputs and fails (see layers.matmul).
 Accumulation is float32 in every kernel; outputs are in lhs's dtype (d rhs in rhs's), as in layers.matmul.
 The kernels' APIs used here are unchanged in jax main (0.11.1.dev, checked August 2026).
 """
@@ -212,31 +212,19 @@ def _gmm_vjp(impl: str, interpret: bool) -> Callable:
         return _zero_tail(out, group_sizes)
 
     def fwd(lhs, rhs, group_sizes):
-        # symbolic_zeros: each argument arrives as a CustomVJPPrimal that says whether it is differentiated.
-        # Each operand is kept for the backward only if the other one's gradient is wanted (None is static pytree
-        # structure, so the backward knows at trace time which gradients to build): for a frozen rhs (the base
-        # experts), lhs (the activations) is not kept and d rhs never traced. lhs[:0] and rhs[:0] (no data) carry
-        # the dtypes and manual mesh axes the cotangents must match.
-        out = op(lhs.value, rhs.value, group_sizes.value)
-        saved_lhs = lhs.value if rhs.perturbed else None
-        saved_rhs = rhs.value if lhs.perturbed else None
-        return out, (saved_lhs, saved_rhs, group_sizes.value, lhs.value[:0], rhs.value[:0])
+        return op(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
 
     def bwd(residuals, grad):
-        saved_lhs, saved_rhs, group_sizes, lhs_like, rhs_like = residuals
-        if isinstance(grad, jax.custom_derivatives.SymbolicZero):
-            return None, None, None
-        grad = _zero_tail(grad.astype(lhs_like.dtype), group_sizes)  # rows past the groups have no output
-        dlhs = drhs = None
-        if saved_rhs is not None:
-            dlhs = kernels.gmm(grad, saved_rhs, group_sizes, transpose_rhs=True, interpret=interpret)
-            dlhs = _sum_over_extra_axes(_zero_tail(dlhs, group_sizes), lhs_like)
-        if saved_lhs is not None:  # rhs differentiated: an adapter, never the frozen base
-            drhs = kernels.tgmm(saved_lhs, grad, group_sizes, out_dtype=rhs_like.dtype, interpret=interpret)
-            drhs = _sum_over_extra_axes(drhs, rhs_like)
-        return dlhs, drhs, None
+        # Both gradients are written; for a frozen rhs (the base experts) d rhs is dead code, which JAX drops
+        # before lowering (tests check the lowered program). Not symbolic zeros: see layers.matmul for why.
+        lhs, rhs, group_sizes = residuals
+        grad = _zero_tail(grad.astype(lhs.dtype), group_sizes)  # rows past the groups have no output
+        dlhs = kernels.gmm(grad, rhs, group_sizes, transpose_rhs=True, interpret=interpret)
+        dlhs = _sum_over_extra_axes(_zero_tail(dlhs, group_sizes), lhs)
+        drhs = kernels.tgmm(lhs, grad, group_sizes, out_dtype=rhs.dtype, interpret=interpret)
+        return dlhs, _sum_over_extra_axes(drhs, rhs), None
 
-    op.defvjp(fwd, bwd, symbolic_zeros=True)
+    op.defvjp(fwd, bwd)
     return op
 
 
@@ -303,33 +291,49 @@ def _swiglu(h: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def routed_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax.Array, second: jax.Array,
+               hidden, num_groups: int | None = None, *, impl: str = "auto", interpret: bool = False) -> jax.Array:
+    """sum_k w_tk * second_g(hidden(x_t, first_g)) with g = indices[t, k], through `gmm`: the contract of
+    models/moe/grouped.py `grouped_ffn`, which the base experts (`kernel_dispatch`) and the routed adapter banks
+    (PERFT-R, PERFT-E on the `kernel` backend) share.
+
+    x [T, D], weights / indices [T, K] (token-major pairs), first [G, D, F], second [G, F', D] -> [T, D] in x's
+    dtype. Pairs are sorted by group (stable); `hidden(rows [T*K, D], project)` maps the sorted rows to
+    [T*K, F'], `project` applying the first matrix. The routing weight multiplies the hidden rows, before the
+    second matmul ([T*K, F'] multiplies, not [T*K, D]); rows go back to pair order and the K choices are summed
+    in float32 and rounded once, as dense_dispatch's combine einsum does. Pairs of group >= G (a caller's
+    "nowhere" group) sort past every group, where gmm gives zeros; `num_groups` is accepted for the shared
+    contract and needs no extra group here.
+    """
+    del num_groups
+    t, k = indices.shape
+    flat_group = indices.reshape(-1).astype(jnp.int32)  # [T*K], token-major
+    order = jnp.argsort(flat_group, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+    group_sizes = jnp.bincount(flat_group, length=first.shape[0]).astype(jnp.int32)  # drops ids >= G
+    run = functools.partial(gmm, group_sizes=group_sizes, impl=impl, interpret=interpret)
+    h = hidden(_tokens_to_sorted(x, order, inverse, k), lambda v: run(v, first))  # [T*K, F']
+    # The weights through the same gather as the tokens, so their gradient is a gather too.
+    h = h * _tokens_to_sorted(weights.reshape(-1, 1).astype(h.dtype), order, inverse, 1)
+    y = _sorted_to_pairs(run(h, second), order, inverse)  # [T*K, D]
+    return jnp.sum(y.reshape(t, k, -1), axis=1, dtype=jnp.float32).astype(x.dtype)
+
+
 def kernel_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
                     cap: int | None = None, impl: str = "auto", interpret: bool = False):
     """x [T, D], weights/indices [T, K] -> (y [T, D], dropped = 0): the `experts.DISPATCH` signature.
 
-    Pairs sorted by expert (stable), two grouped matmuls with SwiGLU between, the routing weight applied to
-    the hidden rows before the down matmul (as models/moe/grouped.py does: [T*K, I] multiplies, not [T*K, D]),
-    back to pair order and summed over the K choices. Dropless. `valid` [T, K]: pairs of experts held
-    elsewhere (expert parallelism) sort past every group, where gmm gives zeros, and are weighted zero.
-    `capacity_factor` / `cap` are ignored.
+    SwiGLU experts through `routed_ffn`. Dropless. `valid` [T, K]: pairs of experts held elsewhere (expert
+    parallelism) go to group E, past every group, and are weighted zero. `capacity_factor` / `cap` are ignored.
     """
     del capacity_factor, cap
-    t, k = indices.shape
     num_experts = gate_up.shape[0]
-    flat_expert = indices.reshape(-1).astype(jnp.int32)  # [T*K], token-major
-    flat_weight = weights.reshape(-1)
     if valid is not None:
-        flat_expert = jnp.where(valid.reshape(-1), flat_expert, num_experts)
-        flat_weight = jnp.where(valid.reshape(-1), flat_weight, 0)
-    order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # drops the id E
-    run = functools.partial(gmm, group_sizes=group_sizes, impl=impl, interpret=interpret)
-    h = _swiglu(run(_tokens_to_sorted(x, order, inverse, k), gate_up))  # [T*K, I]
-    h = h * flat_weight[order][:, None].astype(h.dtype)
-    y = _sorted_to_pairs(run(h, down), order, inverse)  # [T*K, D]
-    # The K choices summed in float32 and rounded once, as dense_dispatch's combine einsum does.
-    return jnp.sum(y.reshape(t, k, -1), axis=1, dtype=jnp.float32).astype(x.dtype), jnp.zeros((), jnp.int32)
+        indices = jnp.where(valid, indices, num_experts)
+        weights = jnp.where(valid, weights, 0)
+    y = routed_ffn(x, weights, indices, gate_up, down, lambda rows, project: _swiglu(project(rows)),
+                   impl=impl, interpret=interpret)
+    return y, jnp.zeros((), jnp.int32)
 
 
 def make_kernel_dispatch(impl: str = "auto", interpret: bool = False) -> Callable:

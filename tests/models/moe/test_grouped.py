@@ -1,5 +1,8 @@
-"""Sorted, block-padded grouped matmul (models/moe/grouped.py) and the routed adapter bank built on it."""
+"""Sorted, block-padded grouped matmul (models/moe/grouped.py), and the routed adapter bank through every routed
+pipeline (models/moe/experts.py `ROUTED_FFN`)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from perft_jax.models.moe import grouped
-from perft_jax.perft.adapters import AdapterBank
+from perft_jax.models.moe import experts, grouped, kernels
+from perft_jax.perft.adapters import AdapterBank, AdapterParam
 from perft_jax.perft.config import PerftConfig
 
 
@@ -49,30 +52,66 @@ def dense_gates(weights, indices, num):
     return jnp.zeros((weights.shape[0], num), weights.dtype).at[rows, indices].set(weights)
 
 
-@pytest.mark.parametrize("form", ["lora", "parallel_adapter"])
-def test_routed_bank_equals_dense_gated_bank_with_gradients(form):
-    m, k, t, d = 8, 2, 40, 16
+# Routed pipelines the banks can run through (experts.ROUTED_FFN), with the kernel one per CPU-runnable gmm impl.
+PIPELINES = {"grouped": "grouped", "auto": "auto", "kernel-xla": functools.partial(kernels.routed_ffn, impl="xla"),
+             "kernel-megablox": functools.partial(kernels.routed_ffn, impl="megablox", interpret=True)}
+
+
+def _routed_problem(form, m=8, k=2, t=40, d=16, empty=(3, 6, 7)):
     bank = AdapterBank(m, d, PerftConfig(adapter=form, bottleneck=4, num_adapters=m), nnx.Rngs(0))
     bank_w2 = bank.lora_B if form == "lora" else bank.adapter_w2
     bank_w2[...] = jax.random.normal(jax.random.key(3), bank_w2.shape) * 0.1  # not near-zero: a real check
     keys = jax.random.split(jax.random.key(1), 2)
     x = jax.random.normal(keys[0], (t, d))
-    logits = jax.random.normal(keys[1], (t, m))
+    logits = jax.random.normal(keys[1], (t, m)).at[:, list(empty)].set(-30.0)  # adapter groups nobody picks
     weights, indices = jax.lax.top_k(jax.nn.softmax(logits), k)
+    assert not np.isin(np.asarray(indices), empty).any()
+    return bank, x, weights, indices
+
+
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+@pytest.mark.parametrize("form", ["lora", "parallel_adapter"])
+def test_routed_bank_equals_dense_gated_bank_with_gradients(form, pipeline, monkeypatch):
+    """Each routed pipeline (empty adapter groups first, middle and last) against every adapter densely gated,
+    float32, forward and every gradient; the adapters' weight gradients are there and nonzero."""
+    dispatch = PIPELINES[pipeline]
+    if callable(dispatch):  # a kernel impl other than the platform's: run as the "kernel" pipeline
+        monkeypatch.setitem(experts.ROUTED_FFN, "kernel", dispatch)
+        dispatch = "kernel"
+    m = 8
+    bank, x, weights, indices = _routed_problem(form, m)
 
     def forward(bank, x, weights, sparse):
-        return bank.routed(x, weights, indices) if sparse else bank(x, dense_gates(weights, indices, m))
+        return bank.routed(x, weights, indices, dispatch) if sparse else bank(x, dense_gates(weights, indices, m))
 
     def loss(bank, x, weights, sparse):
         return jnp.sum(jnp.sin(forward(bank, x, weights, sparse)))
 
     grad = nnx.grad(loss, argnums=(0, 1, 2))
+    got_grads = grad(bank, x, weights, True)
+    for leaf in jax.tree.leaves(nnx.state(got_grads[0], AdapterParam)):
+        assert np.linalg.norm(np.asarray(leaf)) > 0  # adapters are trained: their weight gradient is built
     # Sums run in another order: compare outputs and every gradient leaf by relative L2 error.
     pairs = [(forward(bank, x, weights, True), forward(bank, x, weights, False))]
-    pairs += zip(jax.tree.leaves(grad(bank, x, weights, True)), jax.tree.leaves(grad(bank, x, weights, False)))
+    pairs += zip(jax.tree.leaves(got_grads), jax.tree.leaves(grad(bank, x, weights, False)))
     for got, want in pairs:
         got, want = np.asarray(got), np.asarray(want)
         assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "kernel", "auto"])
+def test_routed_bank_dropout_draws_one_key_outside_the_pipeline(dispatch):
+    """With dropout on, every pipeline runs under jit (where `auto` traces it inside lax.platform_dependent, and
+    an nnx RNG stream advanced there raises TraceContextError) and the dropout stream advances once per call."""
+    bank = AdapterBank(4, 16, PerftConfig(adapter="lora", bottleneck=4, num_adapters=4, dropout=0.5),
+                       nnx.Rngs(params=0, dropout=1))
+    x = jax.random.normal(jax.random.key(0), (12, 16))
+    weights, indices = jax.lax.top_k(jax.nn.softmax(jax.random.normal(jax.random.key(1), (12, 4))), 2)
+    run = nnx.jit(lambda bank, x, weights: bank.routed(x, weights, indices, dispatch))
+    count = int(bank.dropout.rngs.count[...])
+    first, second = run(bank, x, weights), run(bank, x, weights)
+    assert int(bank.dropout.rngs.count[...]) == count + 2
+    assert np.isfinite(np.asarray(first)).all() and not np.allclose(first, second)  # a fresh mask per call
 
 
 def test_frozen_weights_get_no_weight_gradient_loop():

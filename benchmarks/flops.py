@@ -84,8 +84,8 @@ def export(fn, platform: str, *args) -> jax.export.Exported:
     return jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
 
 
-def abstract_train_step(cfg, perft: PerftConfig, batch: int, seq: int):
-    """(fn, args): the library's jitted train step closed over its static arguments, on abstract arrays."""
+def train_step_args(cfg, perft: PerftConfig, batch: int, seq: int) -> tuple:
+    """`train_step_fn`'s arguments for `cfg` + `perft` on abstract arrays (no weights, no memory)."""
     def build():
         model = attach_perft(MoeForCausalLM(cfg, nnx.Rngs(0)), perft)
         return model, make_optimizer(model, OptimConfig())
@@ -94,6 +94,12 @@ def abstract_train_step(cfg, perft: PerftConfig, batch: int, seq: int):
     graphdef, trainable, frozen = split_model(model)
     opt_graphdef, opt_state = nnx.split(optimizer)
     tokens = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
+    return graphdef, opt_graphdef, trainable, frozen, opt_state, tokens, cfg, perft
+
+
+def abstract_train_step(cfg, perft: PerftConfig, batch: int, seq: int):
+    """(fn, args): the library's jitted train step closed over its static arguments, on abstract arrays."""
+    graphdef, opt_graphdef, trainable, frozen, opt_state, tokens, cfg, perft = train_step_args(cfg, perft, batch, seq)
 
     def step(trainable, frozen, opt_state, tokens):
         return train_step_fn(graphdef, opt_graphdef, trainable, frozen, opt_state, tokens, cfg, perft)

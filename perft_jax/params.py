@@ -31,6 +31,7 @@ from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.efficiency import efficiency_report, format_comparison, format_report
 from perft_jax.perft.variants import VARIANTS as ALL_VARIANTS
+from perft_jax.plan import format_plan, make_plan, parse_device
 
 # Every variant that adds adapters, in the registry's order (perft/variants.py).
 VARIANTS = tuple(name for name in ALL_VARIANTS if name != "none")
@@ -77,8 +78,6 @@ def run(args: argparse.Namespace) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> str:
-    from perft_jax.plan import format_plan, make_plan, parse_device
-
     device = parse_device(args.plan, "--plan")  # checked before the config is read or anything compiles
     if args.devices is not None and args.devices < 1:
         raise UserError(f"--devices: expected a positive integer, got {args.devices}")

@@ -11,6 +11,8 @@ import pathlib
 import jax
 import pytest
 
+from benchmarks.flops import pretend_cudnn
+
 jax.config.update("jax_default_matmul_precision", "float32")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,3 +40,11 @@ def shared_dir() -> pathlib.Path:
 def torch_required():
     """Skip tests that compare against HF PyTorch when torch is not installed."""
     return pytest.importorskip("torch", reason="HF parity tests need torch (pip install -e '.[test]')")
+
+
+@pytest.fixture
+def cudnn_version():
+    """cuDNN attention traced (and lowered for cuda) without JAX's CUDA plugin: benchmarks/flops.py `pretend_cudnn`
+    fakes the version query the plugin would answer; with the plugin, the real version is used."""
+    with pretend_cudnn():
+        yield

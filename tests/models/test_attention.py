@@ -196,18 +196,6 @@ def test_splash_only_on_one_device():
 
 # --- lowering for cuda and tpu without either device ---
 
-@pytest.fixture
-def cudnn_version(monkeypatch):
-    """JAX reads the cuDNN version when it traces cuDNN attention (from its CUDA plugin, which this CPU install
-    lacks: "cuDNN is not detected."). Without the plugin, pretend cuDNN 9.8 so that everything after that
-    query (shape checks, custom-call lowering) is exercised; with it, the real version is used."""
-    if not attention.cudnn_traceable():
-        from jax._src.cudnn import fused_attention_stablehlo
-
-        monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
-    assert attention.cudnn_traceable()
-
-
 def lowered(fn, platform: str, *args) -> str:
     """StableHLO text of jit(fn) exported for `platform`. The cuDNN custom calls carry no compatibility
     guarantee, so serialising them must be allowed explicitly."""

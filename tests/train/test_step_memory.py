@@ -20,14 +20,13 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from benchmarks.flops import train_step_args
 from perft_jax.eval import generate as gen
 from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.models.hf_config import read_hf_config_file
-from perft_jax.optim import OptimConfig
 from perft_jax.perft.attach import attach_perft
 from perft_jax.perft.config import PerftConfig
-from perft_jax.train.optim import make_optimizer
-from perft_jax.train.step import eval_step_fn, split_model, train_step_fn
+from perft_jax.train.step import eval_step_fn, train_step_fn
 from tests.testing_utils import CONFIGS
 
 MiB = 2**20
@@ -67,15 +66,8 @@ class Compiled:
 
 
 def compile_train_step(cfg, perft: PerftConfig, batch: int = BATCH) -> Compiled:
-    def build():
-        model = attach_perft(MoeForCausalLM(cfg, nnx.Rngs(0)), perft)
-        return model, make_optimizer(model, OptimConfig())
-
-    model, optimizer = nnx.eval_shape(build)
-    graphdef, trainable, frozen = split_model(model)
-    opt_graphdef, opt_state = nnx.split(optimizer)
-    tokens = {k: jax.ShapeDtypeStruct((batch, LENGTH), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
-    args = (graphdef, opt_graphdef, trainable, frozen, opt_state, tokens, cfg, perft)
+    args = train_step_args(cfg, perft, batch, LENGTH)
+    _, _, trainable, frozen, opt_state, *_ = args
     lowered = train_step_fn.lower(*args)
     return Compiled(nbytes(frozen), nbytes(trainable), nbytes(opt_state), lowered.out_info,
                     lowered.compile().memory_analysis())

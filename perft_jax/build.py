@@ -76,10 +76,11 @@ def build_model(section: ModelSection, perft: PerftConfig | None = None, shardin
     """
     cfg = resolve_model_config(section)
     dispatch = None if sharding is None else mesh_dispatch(sharding, expert_dispatch, cfg)
+    sharded = sharding is not None and sharding.mesh.size > 1
     if section.checkpoint:
-        model = _restore(pathlib.Path(section.checkpoint), cfg, sharding, placement, dispatch)
+        model = _restore(pathlib.Path(section.checkpoint), cfg, sharding, placement, dispatch, sharded)
     else:  # a random base (tests, benchmarks): built whole on one device, then placed
-        model = init_model(cfg, seed=section.init_seed, dispatch=dispatch)
+        model = init_model(cfg, seed=section.init_seed, dispatch=dispatch, sharded=sharded)
         if sharding is not None:
             shard_model(model, sharding)
         elif placement is not None:
@@ -92,10 +93,10 @@ def build_model(section: ModelSection, perft: PerftConfig | None = None, shardin
 
 
 def _restore(ckpt_dir: pathlib.Path, cfg: ModelConfig, sharding: LogicalSharding | None,
-             placement: jax.sharding.Sharding | None, dispatch) -> MoeForCausalLM:
+             placement: jax.sharding.Sharding | None, dispatch, sharded: bool) -> MoeForCausalLM:
     """A converted base restored group by group, each parameter straight onto its target sharding (each process
     reads only the shards its devices hold)."""
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dispatch))
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dispatch, sharded))
     if sharding is not None:
         shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state))
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -47,10 +47,13 @@ class MaskForm:
         from query t iff s <= t, s > t - sliding_window and s is not padding. False: any mask, notably the KV
         cache's `cached_causal_mask`, whose causal offset is a traced slot index no static kernel mask can take.
     sliding_window: the model's window (keys s > t - window), or None.
+    sharded: the call is part of a program partitioned over several devices (the model was built on a mesh,
+        build.py): kernels with no partitioning rule (splash) cannot take it.
     """
 
     causal: bool
     sliding_window: int | None = None
+    sharded: bool = False
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, MaskForm], jax.Array]
@@ -127,11 +130,10 @@ def _splash_why_not(q: jax.Array, k: jax.Array, form: MaskForm) -> str | None:
         return f"splash attention needs a sequence length that is a multiple of {_LANES}, got {t}"
     if hd % _LANES:  # smaller heads may lower, but cannot be checked on a TPU here
         return f"splash attention needs head_dim a multiple of {_LANES}, got {hd}"
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    if form.sharded:
         # A Mosaic call in a multi-device computation fails to lower ("Mosaic kernels cannot be automatically
         # partitioned. Please wrap the call in a shard_map."); the shard_map over batch and heads is not written yet.
-        return f"splash attention runs on one device only (no shard_map wrapper yet), the mesh has {mesh.size}"
+        return "splash attention runs on one device only (no shard_map wrapper yet), and the model is sharded"
     return None
 
 
@@ -160,9 +162,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     Causality and the window are the kernel's static mask; key padding enters as segment ids, 1 for a real
     key and 0 for padding, read off the mask's diagonal (under `causal_mask` query s always sees key s unless
     s is padding). A real query then sees exactly its mask's keys; a padding query sees the padding keys up to
-    itself (never none, so the kernel's softmax stays finite). Single-device only: under a multi-device mesh
-    (`jax.set_mesh`, as training and evaluation set it) `auto` takes xla instead; a sharded jit without a mesh
-    set fails to lower on TPU with JAX's "Mosaic kernels cannot be automatically partitioned".
+    itself (never none, so the kernel's softmax stays finite). Single-device only: for a model built on a mesh
+    (`MaskForm.sharded`) `auto` takes xla instead; a model sharded by hand after it was built fails to lower on
+    TPU with JAX's "Mosaic kernels cannot be automatically partitioned".
     """
     _require("splash", _splash_why_not(q, k, form))
     b, t, h, hd = q.shape

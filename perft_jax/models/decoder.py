@@ -70,9 +70,9 @@ class MoeLMOutput:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dispatch=None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dispatch=None, sharded: bool = False):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, sharded)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         self.moe = SparseMoeBlock(cfg, rngs, dispatch)
 
@@ -92,13 +92,15 @@ _remat_layer = nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mas
 
 
 class MoeForCausalLM(nnx.Module):
-    """The decoder. `dispatch`: how every MoE layer runs its experts (models/moe/experts.py `Experts`); default:
-    the configured backend on one program, or expert parallelism over a mesh (models/moe/ep.py)."""
+    """The decoder. How it is laid out over devices is fixed at construction (build.py passes both):
+    `dispatch`, how every MoE layer runs its experts (models/moe/experts.py `Experts`; default: the configured
+    backend on one program, or expert parallelism over a mesh, models/moe/ep.py), and `sharded`, whether the
+    model runs partitioned over several devices (the attention kernels ask, models/attention.py)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dispatch=None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dispatch=None, sharded: bool = False):
         self.config = cfg
         self.embed = Embed(cfg, rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs, dispatch) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, rngs, dispatch, sharded) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
@@ -176,15 +178,15 @@ def _cache_step(cache: KVCache, attention_mask: jax.Array | None, position_ids: 
     return new_cache, position_ids, mask
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, dispatch=None) -> MoeForCausalLM:
+def init_model(cfg: ModelConfig, seed: int = 0, dispatch=None, sharded: bool = False) -> MoeForCausalLM:
     """A randomly initialised model (tests, benchmarks, the demo's tiny base), committed to the first local
     device like a restored one: a jitted step writes its state back committed, and uncommitted inputs on the
     first call would compile the step a second time."""
-    model = MoeForCausalLM(cfg, nnx.Rngs(seed), dispatch)
+    model = MoeForCausalLM(cfg, nnx.Rngs(seed), dispatch, sharded)
     nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
     return model
 
 
-def abstract_model(cfg: ModelConfig, dispatch=None) -> MoeForCausalLM:
+def abstract_model(cfg: ModelConfig, dispatch=None, sharded: bool = False) -> MoeForCausalLM:
     """The model's structure with `ShapeDtypeStruct` leaves: no memory, no compute."""
-    return nnx.eval_shape(lambda: MoeForCausalLM(cfg, nnx.Rngs(0), dispatch))
+    return nnx.eval_shape(lambda: MoeForCausalLM(cfg, nnx.Rngs(0), dispatch, sharded))

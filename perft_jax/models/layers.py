@@ -169,9 +169,12 @@ def cached_causal_mask(key_mask: jax.Array, start: jax.Array, length: int,
 
 
 class Attention(nnx.Module):
-    """Causal self-attention with GQA, optional full-width q/k RMSNorm (OLMoE) and `clip_qkv`."""
+    """Causal self-attention with GQA, optional full-width q/k RMSNorm (OLMoE) and `clip_qkv`.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    `sharded`: the model runs partitioned over several devices, which some attention kernels cannot
+    (models/attention.py `MaskForm`)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sharded: bool = False):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "q_heads"), cfg, rngs)
         self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
@@ -186,6 +189,7 @@ class Attention(nnx.Module):
         # Optional low-rank deltas on q_proj / v_proj outputs (the qv_lora baseline), attached later.
         self.q_lora, self.v_lora = nnx.data(None), nnx.data(None)
         self.cfg = cfg
+        self.sharded = sharded
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
@@ -231,5 +235,6 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         b, t = q.shape[:2]
-        out = attend(cfg.attention_impl, q, k, v, mask, MaskForm(causal=not cached, sliding_window=cfg.sliding_window))
+        out = attend(cfg.attention_impl, q, k, v, mask, MaskForm(causal=not cached, sliding_window=cfg.sliding_window,
+                                                            sharded=self.sharded))
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))

@@ -182,14 +182,14 @@ def test_kernels_refuse_forms_they_cannot_run(name, t, hd, dtype, causal, reason
 
 
 def test_splash_only_on_one_device():
-    """Under a multi-device mesh a Mosaic call cannot be partitioned: splash refuses and `auto` keeps xla."""
+    """A sharded model's Mosaic call cannot be partitioned: splash refuses and `auto` keeps xla."""
     q, k, v, _ = inputs(jnp.float32, t=128, hd=128)
     mask, form = causal_mask(None, 2, 128, None), MaskForm(causal=True)
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
-        assert "one device" in attention.why_not("splash", q, k, form)
-        with pytest.raises(UserError, match="one device"):
-            jax.make_jaxpr(lambda q, k, v: attend("splash", q, k, v, mask, form))(q, k, v)
-        jaxpr = jax.make_jaxpr(lambda q, k, v: attend("auto", q, k, v, mask, form))(q, k, v)
+    sharded = MaskForm(causal=True, sharded=True)
+    assert "one device" in attention.why_not("splash", q, k, sharded)
+    with pytest.raises(UserError, match="one device"):
+        jax.make_jaxpr(lambda q, k, v: attend("splash", q, k, v, mask, sharded))(q, k, v)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: attend("auto", q, k, v, mask, sharded))(q, k, v)
     assert "pallas_call" not in str(jaxpr)
     assert "pallas_call" in str(jax.make_jaxpr(lambda q, k, v: attend("auto", q, k, v, mask, form))(q, k, v))
 

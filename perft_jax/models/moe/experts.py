@@ -35,11 +35,6 @@ from perft_jax.models.layers import matmul, normal_init
 from perft_jax.models.moe import grouped, kernels
 
 
-def _swiglu(h: jax.Array) -> jax.Array:
-    gate, up = jnp.split(h, 2, axis=-1)
-    return jax.nn.silu(gate) * up
-
-
 def dense_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
                    cap: int | None = None):
     """x [T, D], weights/indices [T, K] -> (y [T, D], dropped int32 scalar).
@@ -52,7 +47,7 @@ def dense_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_f
     if valid is not None:
         weights = jnp.where(valid, weights, 0)
     # Batched over the experts (x broadcast to each), through the base matmul: no float32 copy of the weights.
-    h = _swiglu(matmul(jnp.broadcast_to(x, (num_experts,) + x.shape), gate_up))  # [E, T, I]
+    h = grouped.swiglu(matmul(jnp.broadcast_to(x, (num_experts,) + x.shape), gate_up))  # [E, T, I]
     y_all = matmul(h, down)  # [E, T, D]
     combine = jnp.zeros((x.shape[0], num_experts), weights.dtype)
     combine = combine.at[jnp.arange(x.shape[0])[:, None], indices].add(weights)  # [T, E]
@@ -84,7 +79,7 @@ def capacity_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacit
     token = jnp.tile(jnp.arange(t), k)  # [K*T]
     buffer = jnp.zeros((num_experts * cap + 1, x.shape[-1]), x.dtype).at[slot].set(x[token])
     buffer = buffer[:-1].reshape(num_experts, cap, -1)  # [E, C, D]
-    h = _swiglu(matmul(buffer, gate_up))
+    h = grouped.swiglu(matmul(buffer, gate_up))
     out = matmul(h, down).reshape(num_experts * cap, -1)
     out = jnp.concatenate([out, jnp.zeros((1, out.shape[-1]), out.dtype)])  # sentinel row reads zeros
     per_pair = out[slot].reshape(k, t, -1)  # [K, T, D]
@@ -92,16 +87,8 @@ def capacity_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacit
     return y, jnp.sum(flat_valid & ~keep).astype(jnp.int32)
 
 
-def grouped_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
-                     cap: int | None = None):
-    """Sorted fixed-size blocks, one matmul per block (models/moe/grouped.py). Dropless."""
-    num_experts = gate_up.shape[0]
-    if valid is not None:  # other devices' pairs: an extra group past the real ones, weighted zero
-        indices = jnp.where(valid, indices, num_experts)
-        weights = jnp.where(valid, weights, 0)
-    y = grouped.grouped_ffn(x, weights, indices, gate_up, down, lambda rows, project: _swiglu(project(rows)),
-                            num_experts + (valid is not None))
-    return y, jnp.zeros((), jnp.int32)
+# Sorted fixed-size blocks, one matmul per block (models/moe/grouped.py). Dropless.
+grouped_dispatch = grouped.dispatch_of(grouped.grouped_ffn)
 
 
 def ragged_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
@@ -116,7 +103,7 @@ def ragged_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_
     order = jnp.argsort(flat_expert, stable=True)
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # drops id E
     xs = x[order // k]  # [T*K, D] grouped by expert
-    h = _swiglu(jax.lax.ragged_dot(xs, gate_up, group_sizes))
+    h = grouped.swiglu(jax.lax.ragged_dot(xs, gate_up, group_sizes))
     out_sorted = jax.lax.ragged_dot(h, down, group_sizes)  # [T*K, D]
     if valid is not None:  # ragged_dot leaves rows past the last group unspecified on some platforms
         out_sorted = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], out_sorted, 0)
@@ -132,21 +119,6 @@ AUTO_CHOICE = {"cpu": "grouped (a loop of fixed-size blocks; XLA:CPU has no fast
                "tpu": "kernel: Pallas megablox grouped matmul (gmm / tgmm)"}
 
 
-def auto_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
-                  cap: int | None = None):
-    """The backend for the platform the program is lowered for (`lax.platform_dependent`, so `jax.export` for
-    another platform picks that platform's): `grouped` on CPU, the grouped-matmul kernels elsewhere."""
-    branch = lambda dispatch: lambda *a: dispatch(*a, capacity_factor=capacity_factor, cap=cap)  # noqa: E731
-    args = (x, weights, indices, gate_up, down) + (() if valid is None else (valid,))
-    return jax.lax.platform_dependent(*args, cpu=branch(grouped_dispatch), default=branch(kernel_dispatch))
-
-
-# Backend name -> dispatch. `models.config.MOE_BACKENDS` and the config's `Literal` list these names
-# (tests/models/moe/test_dispatch.py holds them equal).
-DISPATCH = {"auto": auto_dispatch, "dense": dense_dispatch, "capacity": capacity_dispatch,
-            "grouped": grouped_dispatch, "ragged": ragged_dispatch, "kernel": kernel_dispatch}
-
-
 def auto_ffn(x, weights, indices, first, second, hidden, num_groups=None):
     """`grouped.grouped_ffn` on CPU, `kernels.routed_ffn` elsewhere: the routed pipeline of `auto`, chosen when
     lowering as `auto_dispatch` chooses (a routed adapter bank's `hidden` must then not advance nnx RNG state:
@@ -157,6 +129,15 @@ def auto_ffn(x, weights, indices, first, second, hidden, num_groups=None):
 
     return jax.lax.platform_dependent(x, weights, indices, first, second, cpu=branch(grouped.grouped_ffn),
                                       default=branch(kernels.routed_ffn))
+
+
+# The backend for the platform the program is lowered for: `grouped` on CPU, the grouped-matmul kernels elsewhere.
+auto_dispatch = grouped.dispatch_of(auto_ffn)
+
+# Backend name -> dispatch. `models.config.MOE_BACKENDS` and the config's `Literal` list these names
+# (tests/models/moe/test_dispatch.py holds them equal).
+DISPATCH = {"auto": auto_dispatch, "dense": dense_dispatch, "capacity": capacity_dispatch,
+            "grouped": grouped_dispatch, "ragged": ragged_dispatch, "kernel": kernel_dispatch}
 
 
 # Pipeline name -> the routed two-matrix pipeline (`grouped.grouped_ffn`'s contract) the routed adapter banks run

@@ -234,3 +234,28 @@ def grouped_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax
     h = h * gather_pair_values(weights.reshape(-1).astype(h.dtype), layout)[..., None]
     out = scatter_rows(grouped_matmul(h, second, layout), layout)  # [T*K, D]
     return out.reshape(t, k, -1).sum(axis=1)
+
+
+def swiglu(h: jax.Array) -> jax.Array:
+    """The experts' activation on fused [..., 2I] gate/up rows (gate in the first I columns)."""
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def dispatch_of(ffn):
+    """A dropless experts dispatch (models/moe/experts.py `DISPATCH` signature) from a routed pipeline with
+    `grouped_ffn`'s contract: SwiGLU experts, and the pairs `valid` excludes (other devices' experts under
+    expert parallelism) sent to a "nowhere" group E with weight zero. `grouped`, `kernel` and `auto` are this."""
+
+    def dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
+                 cap: int | None = None):
+        num_experts = gate_up.shape[0]
+        if valid is not None:
+            indices = jnp.where(valid, indices, num_experts)
+            weights = jnp.where(valid, weights, 0)
+        y = ffn(x, weights, indices, gate_up, down, lambda rows, project: swiglu(project(rows)),
+                num_experts + (valid is not None))
+        return y, jnp.zeros((), jnp.int32)
+
+    dispatch.__name__ = dispatch.__qualname__ = f"dispatch_of({getattr(ffn, '__name__', 'ffn')})"
+    return dispatch

@@ -38,6 +38,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from perft_jax.models.moe import grouped
+
 # The package `megablox` re-exports its custom-VJP `gmm` under the name of the kernel module, so the module
 # (with the raw gmm and tgmm kernels, used here under our own VJP) is only reachable through importlib.
 _megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
@@ -286,15 +288,10 @@ def _sorted_to_pairs_bwd(residuals, grad):
 _sorted_to_pairs.defvjp(_sorted_to_pairs_fwd, _sorted_to_pairs_bwd)
 
 
-def _swiglu(h: jax.Array) -> jax.Array:
-    gate, up = jnp.split(h, 2, axis=-1)
-    return jax.nn.silu(gate) * up
-
-
 def routed_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax.Array, second: jax.Array,
                hidden, num_groups: int | None = None, *, impl: str = "auto", interpret: bool = False) -> jax.Array:
     """sum_k w_tk * second_g(hidden(x_t, first_g)) with g = indices[t, k], through `gmm`: the contract of
-    models/moe/grouped.py `grouped_ffn`, which the base experts (`kernel_dispatch`) and the routed adapter banks
+    models/moe/grouped.py `grouped_ffn`, which the base experts (`make_kernel_dispatch`) and the routed adapter banks
     (PERFT-R, PERFT-E on the `kernel` backend) share.
 
     x [T, D], weights / indices [T, K] (token-major pairs), first [G, D, F], second [G, F', D] -> [T, D] in x's
@@ -319,25 +316,9 @@ def routed_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax.
     return jnp.sum(y.reshape(t, k, -1), axis=1, dtype=jnp.float32).astype(x.dtype)
 
 
-def kernel_dispatch(x, weights, indices, gate_up, down, valid=None, *, capacity_factor: float = 0.0,
-                    cap: int | None = None, impl: str = "auto", interpret: bool = False):
-    """x [T, D], weights/indices [T, K] -> (y [T, D], dropped = 0): the `experts.DISPATCH` signature.
-
-    SwiGLU experts through `routed_ffn`. Dropless. `valid` [T, K]: pairs of experts held elsewhere (expert
-    parallelism) go to group E, past every group, and are weighted zero. `capacity_factor` / `cap` are ignored.
-    """
-    del capacity_factor, cap
-    num_experts = gate_up.shape[0]
-    if valid is not None:
-        indices = jnp.where(valid, indices, num_experts)
-        weights = jnp.where(valid, weights, 0)
-    y = routed_ffn(x, weights, indices, gate_up, down, lambda rows, project: _swiglu(project(rows)),
-                   impl=impl, interpret=interpret)
-    return y, jnp.zeros((), jnp.int32)
-
-
 def make_kernel_dispatch(impl: str = "auto", interpret: bool = False) -> Callable:
-    """`kernel_dispatch` with `impl` fixed: a value for `experts.DISPATCH`."""
+    """SwiGLU experts through `routed_ffn` with `impl`: a dropless dispatch for `experts.DISPATCH` (its signature;
+    `valid` pairs of other devices go past every group, weighted zero; `capacity_factor` / `cap` ignored)."""
     if impl != "auto" and impl not in IMPLS:
         raise ValueError(f"unknown gmm impl {impl!r}; expected 'auto' or one of {sorted(IMPLS)}")
-    return functools.partial(kernel_dispatch, impl=impl, interpret=interpret)
+    return grouped.dispatch_of(functools.partial(routed_ffn, impl=impl, interpret=interpret))

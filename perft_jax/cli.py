@@ -6,21 +6,18 @@ prints the config, reports and results; errors are printed by every process that
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from perft_jax.config import Config
+from perft_jax.config_help import config_command_parser
 from perft_jax.errors import UserError
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="PERFT fine-tuning and evaluation of MoE LLMs")
-    p.add_argument("--config", help="YAML config (default: the embedded demo)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. perft.top_k=2 mode=eval")
-    return p
+DESCRIPTION = ("PERFT fine-tuning and evaluation of MoE LLMs. Without --config: the embedded demo "
+               "(perft_jax/demo.py). Re-running the same command resumes from the run's newest checkpoint.")
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = config_command_parser("train.py", DESCRIPTION, Config).parse_args(argv)
     from perft_jax.train.loop import TrainingDiverged
 
     try:

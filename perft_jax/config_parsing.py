@@ -21,14 +21,15 @@ from perft_jax.errors import UserError
 T = TypeVar("T")
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
+    """An annotation in words, as errors and `--help` show it (`one of 'a', 'b'`, `a list of a string`)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
+        return " or ".join(describe_type(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        return f"a list of {describe_type(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -79,7 +80,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise UserError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    raise UserError(f"{key}: expected {describe_type(tp)}, got {value!r}")
 
 
 def _join(prefix: str, key: str) -> str:

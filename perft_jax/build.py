@@ -25,6 +25,7 @@ from flax import nnx
 from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.config import Config, ModelSection, load_config
 from perft_jax.errors import UserError
+from perft_jax.hub import is_hub_name
 from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeForCausalLM, abstract_model, init_model
 from perft_jax.models.hf_config import read_hf_config_file
@@ -34,12 +35,22 @@ from perft_jax.perft.config import PerftConfig
 from perft_jax.sharding import LogicalSharding, remember_sharding, shard_model
 
 
+def _not_a_checkpoint(checkpoint: str, prefix: str) -> str:
+    """Why `model.checkpoint` names no base; for a hub name, the conversion that makes one (the base is read
+    as a converted checkpoint, never straight from the hub)."""
+    if is_hub_name(checkpoint):
+        out = f"ckpts/{checkpoint.split('/')[1].lower()}"
+        return (f"{prefix}.checkpoint: {checkpoint!r} is a hub name, not a converted checkpoint: run perft-convert "
+                f"--hf-dir {checkpoint} --out {out} first (then {prefix}.checkpoint={out})")
+    return f"{prefix}.checkpoint: no such directory {checkpoint!r}"
+
+
 def resolve_model_config(section: ModelSection, prefix: str = "model") -> ModelConfig:
     """The base's ModelConfig from `model.checkpoint` or `model.hf_config`, overrides applied; no weights read."""
     if section.checkpoint:
         path = pathlib.Path(section.checkpoint)
         if not path.is_dir():
-            raise UserError(f"{prefix}.checkpoint: no such directory {section.checkpoint!r}")
+            raise UserError(_not_a_checkpoint(section.checkpoint, prefix))
         cfg, _ = base_ckpt.read_manifest(path)
     else:
         path = pathlib.Path(section.hf_config)

@@ -23,6 +23,7 @@ from perft_jax.checkpoint.run import CheckpointConfig
 from perft_jax.config_parsing import apply_overrides, from_dict, load_yaml, to_dict
 from perft_jax.data.config import DataConfig
 from perft_jax.errors import UserError
+from perft_jax.hub import is_repo_id
 from perft_jax.models.config import ATTENTION_IMPLS, MOE_BACKENDS
 from perft_jax.optim import OptimConfig
 from perft_jax.perft.config import PerftConfig
@@ -36,7 +37,7 @@ class ModelSection:
 
     checkpoint: str = ""
     hf_config: str = ""
-    tokenizer: str = ""  # default: the checkpoint directory (the converter copies tokenizer files there)
+    tokenizer: str = ""  # a folder, tokenizer file or hub repo id; default: the checkpoint (the converter copies it)
     dtype: Literal["float32", "bfloat16"] | None = None  # base compute + storage dtype; default: as stored
     param_dtype: Literal["float32", "bfloat16"] | None = None  # base storage dtype, when it differs from `dtype`
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"  # adapters stay float32 under a bf16 base
@@ -89,7 +90,7 @@ class EvalConfig:
 
     adapters: str = ""  # mode=eval: an adapter directory (save_adapters / the run's best adapters)
     benchmarks: tuple[str, ...] = ()
-    data_dir: str = ""  # holds <benchmark>/test.json
+    data_dir: str = ""  # holds <benchmark>/test.json; or a hub dataset repo id laid out the same way
     batch_size: int = 16
     max_examples: int = 0  # per benchmark; 0 = all rows
     num_beams: int = 1  # 4 reproduces the reference evaluation (beam search)
@@ -122,12 +123,14 @@ class Config:
 
 
 def _resolve_paths(data: dict, base_dir: pathlib.Path) -> dict:
-    """Relative file paths in a config file are relative to that file (then to the working directory)."""
+    """Relative file paths in a config file are relative to that file (then to the working directory); a hub name
+    (perft_jax/hub.py: no such path either way, shaped `namespace/name`) stays as written."""
     def resolve(value: str) -> str:
         if not value or pathlib.Path(value).is_absolute():
             return value
         beside = base_dir / value
-        return str(beside) if beside.exists() or not pathlib.Path(value).exists() else value
+        kept = pathlib.Path(value).exists() or is_repo_id(value)
+        return str(beside) if beside.exists() or not kept else value
 
     model = data.get("model")
     if isinstance(model, dict):

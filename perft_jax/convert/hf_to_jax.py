@@ -27,12 +27,11 @@ from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.convert import hf_keys
 from perft_jax.convert.source import FLOAT_DTYPES, TensorSource, open_hf_dir
 from perft_jax.errors import UserError
+from perft_jax.hub import GENERATION_CONFIG, locate, model_patterns, tokenizer_files
 from perft_jax.io import atomic_directory
 from perft_jax.models import ModelConfig
 from perft_jax.models.hf_config import read_hf_config_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 BLOCK_BYTES = 64 * 1024**2  # expert-stack rows built and written at once (at least one expert)
 
@@ -132,19 +131,27 @@ def check_output(out_dir: pathlib.Path, overwrite: bool) -> None:
 
 def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
                       allow_pickle: bool = False, overwrite: bool = False,
-                      show_progress: bool = True) -> ModelConfig:
+                      show_progress: bool = True, revision: str | None = None) -> ModelConfig:
     """Convert an HF OLMoE / Mixtral directory into a perft-jax base checkpoint at `out_dir`.
 
+    The tokenizer files and generation config beside the weights are copied into the checkpoint (the default
+    `model.tokenizer`, and what `export_hf` ships back).
+
     Args:
-      hf_dir: directory with `config.json` and safetensors weights (single file or sharded index).
+      hf_dir: directory with `config.json` and safetensors weights (single file or sharded index), or a hub
+        repo id (`allenai/OLMoE-1B-7B-0924`, resolved by perft_jax/hub.py: the local cache, else a download).
       out_dir: checkpoint directory to create.
       dtype: "float32" | "bfloat16" | "float16" for the stored parameters; default: the config's dtype.
       allow_pickle: also accept `pytorch_model*.bin` (pickle; loaded with `weights_only=True`).
       overwrite: replace an existing checkpoint at `out_dir`.
+      revision: with a hub repo id: its branch, tag or commit (default: main).
     Returns:
       The resolved ModelConfig written to the checkpoint.
     """
-    hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+    out_dir = pathlib.Path(out_dir)
+    check_output(out_dir, overwrite)  # first: before a hub download
+    located = locate(hf_dir, revision=revision, allow_patterns=model_patterns(allow_pickle), what="--hf-dir")
+    hf_dir = located.path
     cfg, arch, raw_config = read_hf_config_file(hf_dir / "config.json")
     dtype = dtype or _source_dtype(raw_config)
     if dtype not in NUMPY_DTYPES:
@@ -155,7 +162,6 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
         fused = any(k.endswith(".experts.gate_up_proj") for k in source.keys())
         plan = hf_keys.group_plan(cfg, arch, fused)
         _check_tensors(source, plan, cfg, str(hf_dir))
-        check_output(out_dir, overwrite)
         with atomic_directory(out_dir) as tmp:
             total = sum(len(m.hf_keys) for _, maps in plan for m in maps)
             with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as progress:
@@ -164,10 +170,11 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
                     source.close()
                     base_ckpt.return_freed_memory()
             shutil.copy2(hf_dir / "config.json", tmp / "config.json")
-            for name in TOKENIZER_FILES:
-                if (hf_dir / name).is_file():
-                    shutil.copy2(hf_dir / name, tmp / name)
-            base_ckpt.write_manifest(tmp, cfg, {"source": {"hf_dir": str(hf_dir.absolute()),
+            for path in [*tokenizer_files(hf_dir), hf_dir / GENERATION_CONFIG]:
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
+            hub = {"hub": {"repo_id": located.repo_id, "commit": located.commit}} if located.repo_id else {}
+            base_ckpt.write_manifest(tmp, cfg, {"source": {"hf_dir": str(hf_dir.absolute()), **hub,
                                                            "expert_layout": "fused" if fused else "per_expert"}})
     finally:
         source.close()

@@ -24,7 +24,10 @@ def _is_int(value: object) -> bool:
 class DataConfig:
     """Attributes:
     train_files: LLM-Adapters JSON files (`dataset_format: json`, README §1) or `datasets.save_to_disk`
-        folders (`dataset_format: hf_disk`); their rows are concatenated in the order given.
+        folders (`dataset_format: hf_disk`); their rows are concatenated in the order given. An entry that is no
+        existing path but is shaped `namespace/name` is a hub dataset: its `train` split, loaded with
+        `datasets.load_dataset(name, split="train")` (the user's datasets cache; offline under
+        HF_DATASETS_OFFLINE=1), whatever `dataset_format` says. `./namespace/name` is always a path.
     dataset_format: `json` (read with `datasets.load_dataset("json", ...)`) or `hf_disk`
         (`datasets.load_from_disk`).
     cutoff_len: truncation length in tokens, special tokens included (README §2).

@@ -25,6 +25,7 @@ from perft_jax.data.config import DataConfig
 from perft_jax.data.prompts import record_prompt_split
 from perft_jax.data.tokenize import Tokenizer, tokenize_batch
 from perft_jax.errors import UserError
+from perft_jax.hub import is_hub_name
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,29 @@ def _explain_load_failure(path: str, err: Exception) -> UserError:
     return UserError(f"{path}: cannot load as LLM-Adapters JSON ({err.__cause__ or err})")
 
 
+def _load_hub_dataset(name: str) -> datasets.Dataset:
+    """The `train` split of hub dataset `name`, as `datasets.load_dataset(name, split="train")` loads it.
+
+    It uses the user's datasets cache (HF_DATASETS_CACHE, else HF_HOME/datasets), not the run's, so that offline
+    (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1) it finds what an earlier online load prepared there.
+    """
+    where = "HF_DATASETS_OFFLINE=1" if datasets.config.HF_HUB_OFFLINE else "the hub cannot be reached"
+    fetch = f"python -c \"import datasets; datasets.load_dataset('{name}', split='train')\""
+    try:
+        return datasets.load_dataset(name, split="train")
+    except ConnectionError:
+        raise UserError(f"{name}: no such file, and not a dataset in the local datasets cache ({where}): run `{fetch}` "
+                        "on a machine with network (it fills HF_DATASETS_CACHE), or pass a local file "
+                        "(data.train_files)") from None
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise UserError(f"{name}: no such file, and not a dataset on the hub ({err})") from None
+    except ValueError as err:  # e.g. no split named train
+        raise UserError(f"{name}: cannot load the hub dataset's 'train' split ({err})") from None
+
+
 def _load_one(path: str, dataset_format: str, cache_dir: str | None) -> datasets.Dataset:
+    if is_hub_name(path):
+        return _load_hub_dataset(path)
     if not pathlib.Path(path).exists():
         raise UserError(f"{path}: training file not found (data.train_files)")
     if dataset_format == "json":

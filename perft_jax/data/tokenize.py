@@ -1,10 +1,10 @@
-"""Tokenizers without the Hub, and the LLM-Adapters training tokenisation (data README §2).
+"""Tokenizers from local files, and the LLM-Adapters training tokenisation (data README §2).
 
-`load_tokenizer` opens an HF tokenizer folder, a bare `tokenizer.json`, or a SentencePiece `.model` file
-(shared/spec/ENGINEERING.md §8). `tokenize_example` / `tokenize_batch` implement README §2 "Tokenization and
-loss" as upstream `finetune.py` does: truncate at `cutoff_len`, append EOS only when the last token is not EOS
-and there is room, copy the ids to labels, and with `train_on_inputs=False` mask as many leading labels as the
-prompt prefix has tokens.
+`load_tokenizer` opens an HF tokenizer folder (or a hub repo's snapshot in the local cache), a bare
+`tokenizer.json`, or a SentencePiece `.model` file (shared/spec/ENGINEERING.md §8). `tokenize_example` /
+`tokenize_batch` implement README §2 "Tokenization and loss" as upstream `finetune.py` does: truncate at
+`cutoff_len`, append EOS only when the last token is not EOS and there is room, copy the ids to labels, and
+with `train_on_inputs=False` mask as many leading labels as the prompt prefix has tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from perft_jax.errors import UserError
+from perft_jax.hub import locate, tokenizer_patterns
 from perft_jax.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -141,7 +142,8 @@ class _SentencePiece:
 
 def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = None, pad_token: str | None = None,
                    bos_token: str | None = None) -> Tokenizer:
-    """Opens a tokenizer from local files only (never the Hub, never remote code).
+    """Opens a tokenizer from local files (never remote code); a hub repo id is first resolved to its snapshot in
+    the local hub cache (downloaded unless HF_HUB_OFFLINE=1; perft_jax/hub.py).
 
     - a `.model` file: SentencePiece with BOS added, as Mixtral's and Llama's tokenizers do;
     - a folder with `tokenizer.model`: the same, honouring `add_bos_token` / `add_eos_token` of its
@@ -151,13 +153,13 @@ def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = N
       spellings unless given.
 
     Args:
-        path_or_dir: the file or folder.
+        path_or_dir: the file or folder, or a hub repo id (`namespace/name`, when no such path exists).
         eos_token, pad_token, bos_token: spellings of the special tokens, for a bare `tokenizer.json` only.
 
     Raises:
         UserError: the path is missing or of an unknown kind, or the tokenizer has no EOS.
     """
-    path = pathlib.Path(path_or_dir)
+    path = locate(path_or_dir, allow_patterns=tokenizer_patterns()).path
     if not path.exists():
         raise UserError(f"{path}: tokenizer file or folder not found")
     if path.is_dir():

@@ -23,6 +23,7 @@ from perft_jax.distributed import is_main_process
 from perft_jax.errors import UserError
 from perft_jax.eval.generate import PromptTooLongError, generate
 from perft_jax.eval.scoring import COMMONSENSE, extract_response, get_benchmark, macro_average, score
+from perft_jax.hub import locate
 
 # PERFT.md §7: 4 new tokens after `the correct answer is`; README §3: 256 for math.
 DEFAULT_MAX_NEW_TOKENS = {"commonsense": 4, "math": 256}
@@ -58,7 +59,9 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, benchmarks: Sequence[str],
         model: the LM to evaluate (with its adapters).
         tokenizer: from `load_tokenizer`; needs `eos_id` (its `pad_id`, else EOS, pads the batch).
         benchmarks: registry names (`scoring.BENCHMARKS`), e.g. ["boolq", "gsm8k"].
-        data_dir: folder with `<benchmark>/test.json` (shared/data/llm_adapters layout).
+        data_dir: folder with `<benchmark>/test.json` (the LLM-Adapters dataset layout), or a hub dataset repo id
+            laid out the same way (only those files are fetched, into the local hub cache; HF_HUB_OFFLINE=1: the
+            cache alone).
         out_path: the JSON file to write (through a temporary file and a rename: never half-written).
         batch_size: prompts per `generate` call (the last batch is padded to it: one compilation).
         max_examples: evaluate the first rows of each file only.
@@ -79,6 +82,8 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, benchmarks: Sequence[str],
         raise UserError("evaluate: the tokenizer has no EOS token")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     benches = [get_benchmark(name) for name in benchmarks]  # fail on a typo before any generation
+    data_dir = locate(data_dir, repo_type="dataset", allow_patterns=[f"{b.name}/test.json" for b in benches],
+                      what="eval.data_dir").path
     accuracy, counts, new_tokens, generations = {}, {}, {}, {}
     for bench in benches:
         rows = load_benchmark(data_dir, bench.name, max_examples)

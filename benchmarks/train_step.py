@@ -8,9 +8,10 @@ One step = forward, backward into the adapters only (the base is frozen), gradie
   one — the HF checkpoint converted with `convert_hf_to_jax`, restored with `load_model(..., perft=...)` —
   for every MoE backend in float32 and for the chosen backends in bfloat16 (base parameters and compute in
   bf16, adapters kept in f32).
-- PyTorch: `OlmoeForCausalLM` (eager attention, eager experts) with the PERFT-R branch of
-  benchmarks/torch_perft.py, `torch.optim.AdamW`, float32 (bfloat16 with `--torch-bf16`: CPUs without native
-  bf16 run it several times slower than f32, so it is no useful reference there).
+- PyTorch: `OlmoeForCausalLM` (eager attention, eager experts) with the PERFT-R adapters of the package's
+  PyTorch runtime (perft_jax.pytorch `load_perft_adapters`), `torch.optim.AdamW`, float32 (bfloat16 with
+  `--torch-bf16`: CPUs without native bf16 run it several times slower than f32, so it is no useful reference
+  there).
 
 Before anything is timed, both sides hold the same base weights (conversion) and the same adapter weights
 (written by perft-jax's `save_adapters`, read by both), and must agree: logits (rel L2 <= 1e-5 in f32), the loss
@@ -165,30 +166,40 @@ class JaxSide:
 
 
 class TorchSide:
-    """HF OlmoeForCausalLM + the PyTorch PERFT-R branch, AdamW over the adapters."""
+    """HF OlmoeForCausalLM + the PERFT-R adapters of perft_jax.pytorch, AdamW over the adapters."""
 
     def __init__(self, hf_model, batch: dict[str, np.ndarray], adapter_dir: pathlib.Path, perft: PerftConfig = PERFT):
-        import safetensors.torch
         import torch
+        from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-        from benchmarks import torch_perft
+        from perft_jax.pytorch import load_perft_adapters
 
-        self.torch, self.tp, self.perft, self.model = torch, torch_perft, perft, hf_model
-        self.sink = torch_perft.attach_perft_r(hf_model, perft.num_adapters, perft.top_k, perft.bottleneck)
-        missing, unexpected = hf_model.load_state_dict(
-            safetensors.torch.load_file(str(adapter_dir / "adapter_model.safetensors")), strict=False)
-        trainable = {n for n, p in hf_model.named_parameters() if p.requires_grad}
-        if unexpected or trainable & set(missing):
-            raise AssertionError(f"adapter file does not fit the torch branch: unexpected {unexpected[:3]}, "
-                                 f"missing {sorted(trainable & set(missing))[:3]}")
-        self.params = torch_perft.adapter_parameters(hf_model)
+        self.torch, self.perft, self.balance_loss = torch, perft, load_balancing_loss_func
+        # Freezes the base; the adapters are float32 parameters cast to the model's dtype at each call.
+        self.model = load_perft_adapters(hf_model, adapter_dir)
+        if self.model.perft_config != perft:
+            raise AssertionError(f"adapter directory holds {self.model.perft_config}, expected {perft}")
+        # The adapter routers' logits of each forward, for their load-balancing loss (training only).
+        self.sink: list = []
+        for layer in hf_model.model.layers:
+            layer.mlp.shared_routing_adapter_gate.register_forward_hook(lambda m, a, out: self.sink.append(out))
+        self.params = [p for p in hf_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2),
                                            eps=OPTIM.eps, weight_decay=OPTIM.weight_decay)
         self.batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
 
-    def losses(self):
-        return self.tp.training_loss(self.model, self.sink, self.batch, self.perft.num_adapters, self.perft.top_k,
-                                     self.perft.router_aux_loss_coef)
+    def losses(self) -> dict[str, Any]:
+        """LM loss + base-router aux (HF, coef from the config) + adapter-router aux, as perft_jax's
+        `training_losses`."""
+        self.sink.clear()
+        b = self.batch
+        out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                         output_router_logits=True)
+        adapter_aux = self.balance_loss(tuple(self.sink), self.perft.num_adapters, self.perft.top_k,
+                                               b["attention_mask"])
+        total = out.loss + self.perft.router_aux_loss_coef * adapter_aux  # out.loss holds LM + coef * base aux
+        return {"total": total, "base_router_aux": out.aux_loss, "adapter_router_aux": adapter_aux,
+                "logits": out.logits}
 
     def step(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -198,12 +209,24 @@ class TorchSide:
         self.optimizer.step()
         return {"total": losses["total"].item(), "grad_norm": norm.item()}
 
+    def grads_in_jax_layout(self) -> dict[str, np.ndarray]:
+        """Adapter gradients keyed `layers.L.{router,adapter_w1,adapter_w2}`, in perft_jax's stacked (in, out)
+        layout: router [H, M], adapter_w1 [M, H, R], adapter_w2 [M, R, H]."""
+        out = {}
+        for i, layer in enumerate(self.model.model.layers):
+            block = layer.mlp
+            out[f"layers.{i}.router"] = block.shared_routing_adapter_gate.weight.grad.T.numpy()
+            for name in ("adapter_w1", "adapter_w2"):
+                out[f"layers.{i}.{name}"] = np.stack(
+                    [getattr(e.unit, name).weight.grad.T.numpy() for e in block.shared_routing_adapter])
+        return out
+
     def loss_and_grads(self):
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.losses()
         losses["total"].backward()
         scalars = {k: float(v.detach()) for k, v in losses.items() if k != "logits"}
-        return scalars, losses["logits"].detach().float().numpy(), self.tp.grads_in_jax_layout(self.model)
+        return scalars, losses["logits"].detach().float().numpy(), self.grads_in_jax_layout()
 
 
 def rel_l2(got, want) -> float:

@@ -11,7 +11,8 @@
 
 `load_model` (api.py), the training loop, evaluation, the demo and the benchmarks all build here, and nothing is
 placed again afterwards. This is also where config-time I/O lives: `load_run_config` reads a run config and
-checks it against the base it names (PERFT top-k against the base's experts) before anything runs.
+checks it against the base it names (PERFT top-k against the base's experts) before anything runs, and
+`load_base_tokenizer` opens the run's tokenizer and checks its ids against the base's vocabulary.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flax import nnx
 
 from perft_jax.checkpoint import base as base_ckpt
 from perft_jax.config import Config, ModelSection, load_config
+from perft_jax.data.tokenize import Tokenizer, check_fits_vocabulary, load_tokenizer
 from perft_jax.errors import UserError
 from perft_jax.hub import is_hub_name
 from perft_jax.models.config import ModelConfig
@@ -69,6 +71,18 @@ def load_run_config(path: str | pathlib.Path | None, overrides: list[str] = ()) 
     base = resolve_model_config(cfg.model)
     cfg.perft.check_model(base.num_experts, base.num_experts_per_tok)
     return cfg
+
+
+def load_base_tokenizer(section: ModelSection, pad_id: int | None = None, prefix: str = "model") -> Tokenizer:
+    """The tokenizer of `section` (`tokenizer`, else the converted checkpoint's own files), checked against the
+    base's vocabulary (and `pad_id`, the padding id of the data) before any weights are read."""
+    source = section.tokenizer or section.checkpoint
+    if not source:
+        raise UserError(f"{prefix}.tokenizer: needed when the base comes from {prefix}.hf_config")
+    tokenizer = load_tokenizer(source)
+    base = resolve_model_config(section, prefix)
+    check_fits_vocabulary(tokenizer, base.vocab_size, section.checkpoint or section.hf_config, pad_id)
+    return tokenizer
 
 
 def build_model(section: ModelSection, perft: PerftConfig | None = None, sharding: LogicalSharding | None = None,
@@ -121,4 +135,4 @@ def _restore(ckpt_dir: pathlib.Path, cfg: ModelConfig, sharding: LogicalSharding
     return nnx.merge(graphdef, abstract_state)
 
 
-__all__ = ["build_model", "load_run_config", "resolve_model_config"]
+__all__ = ["build_model", "load_base_tokenizer", "load_run_config", "resolve_model_config"]

@@ -4,7 +4,7 @@
     perft:      PerftConfig — variant, adapter form, routing           (perft_jax/perft/config.py)
     data:       DataConfig — files, tokenisation, batching              (perft_jax/data/config.py)
     optim:      OptimConfig — AdamW, schedule, clipping                 (perft_jax/optim.py)
-    train:      TrainConfig — steps, accumulation, validation, logging  (below)
+    train:      TrainConfig — steps, accumulation, validation, logging  (below; W&B: perft_jax/wandb_logger.py)
     checkpoint: CheckpointConfig — run checkpoints                      (perft_jax/checkpoint/run.py)
     eval:       EvalConfig — benchmarks, generation                     (below)
     mesh:       MeshConfig — device mesh, logical axis rules, multi-host (perft_jax/sharding.py)
@@ -28,6 +28,7 @@ from perft_jax.models.config import ATTENTION_IMPLS, MOE_BACKENDS
 from perft_jax.optim import OptimConfig
 from perft_jax.perft.config import PerftConfig
 from perft_jax.sharding import MeshConfig
+from perft_jax.wandb_logger import WandbConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +36,15 @@ class ModelSection:
     """The frozen base. Exactly one of `checkpoint` (converted with convert_weights.py) or `hf_config`
     (an HF config.json: a randomly initialised base of that architecture, for tests and benchmarks)."""
 
-    checkpoint: str = ""
-    hf_config: str = ""
+    checkpoint: str = ""  # the converted base (a folder written by perft-convert / convert_weights.py)
+    hf_config: str = ""  # instead of `checkpoint`: an HF config.json, for a randomly initialised base of that shape
     tokenizer: str = ""  # a folder, tokenizer file or hub repo id; default: the checkpoint (the converter copies it)
     dtype: Literal["float32", "bfloat16"] | None = None  # base compute + storage dtype; default: as stored
     param_dtype: Literal["float32", "bfloat16"] | None = None  # base storage dtype, when it differs from `dtype`
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"  # adapters stay float32 under a bf16 base
-    moe_backend: Literal[MOE_BACKENDS] | None = None
+    moe_backend: Literal[MOE_BACKENDS] | None = None  # MoE dispatch; default: as stored (auto: per platform)
     attention_impl: Literal[ATTENTION_IMPLS] | None = None  # default: as stored (auto: per platform)
-    capacity_factor: float | None = None
+    capacity_factor: float | None = None  # per-expert buffer size of the `capacity` backend; default: as stored
     init_seed: int = 0  # with hf_config: the base's random init
     remat: bool = False  # recompute each decoder layer's activations in the backward pass (memory for compute)
 
@@ -56,16 +57,17 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # the run folder: config.json, metrics, checkpoints, adapters, eval.json
     seed: int = 0  # adapter init and dropout
-    epochs: float = 3.0
+    epochs: float = 3.0  # passes over the training rows (fractions allowed), unless `max_steps` is set
     max_steps: int = 0  # optimizer steps; 0: derived from `epochs`
     grad_accum_steps: int = 1  # micro-batches (of data.batch_size rows) per optimizer step
-    eval_every_steps: int = 80  # validation loss cadence (PERFT.md §7); 0 disables
-    keep_best: bool = True  # keep the adapters of the lowest validation loss (PERFT.md §7)
-    log_every_steps: int = 10
-    progress_bar: bool = True
-    tensorboard: bool = True
+    eval_every_steps: int = 80  # validation loss every this many steps (the paper: 80); 0 disables
+    keep_best: bool = True  # keep the adapters of the lowest validation loss in <output_dir>/best_adapters
+    log_every_steps: int = 10  # training metrics (loss, router statistics, tokens/s) every this many steps
+    progress_bar: bool = True  # a tqdm bar with loss and tokens/s
+    tensorboard: bool = True  # also write the metrics as TensorBoard events to <output_dir>/tensorboard
+    wandb: WandbConfig = WandbConfig()
 
     def validate_config(self, prefix: str = "train") -> "TrainConfig":
         def fail(key: str, expected: str) -> None:
@@ -88,13 +90,13 @@ class TrainConfig:
 class EvalConfig:
     """Generation-based evaluation on LLM-Adapters benchmarks (shared/data/llm_adapters/README.md §3-5)."""
 
-    adapters: str = ""  # mode=eval: an adapter directory (save_adapters / the run's best adapters)
-    benchmarks: tuple[str, ...] = ()
+    adapters: str = ""  # mode=eval: an adapter directory (save_adapters / the run's best adapters); empty: the base
+    benchmarks: tuple[str, ...] = ()  # e.g. [boolq,piqa]: folder names under `data_dir` (commonsense and math sets)
     data_dir: str = ""  # holds <benchmark>/test.json; or a hub dataset repo id laid out the same way
-    batch_size: int = 16
+    batch_size: int = 16  # prompts generated together
     max_examples: int = 0  # per benchmark; 0 = all rows
     num_beams: int = 1  # 4 reproduces the reference evaluation (beam search)
-    max_new_tokens: int = 0  # 0: 4 for commonsense, 256 for math (PERFT.md §7)
+    max_new_tokens: int = 0  # 0: 4 for commonsense, 256 for math (the paper's settings)
 
     def validate_config(self, prefix: str = "eval") -> "EvalConfig":
         if self.batch_size < 1:
@@ -108,7 +110,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    mode: Literal["train", "eval"] = "train"
+    mode: Literal["train", "eval"] = "train"  # train the adapters, or evaluate `eval.adapters` on `eval.benchmarks`
     model: ModelSection = ModelSection()
     perft: PerftConfig = PerftConfig()
     data: DataConfig = DataConfig()
@@ -138,8 +140,11 @@ def _resolve_paths(data: dict, base_dir: pathlib.Path) -> dict:
             if isinstance(model.get(key), str):
                 model[key] = resolve(model[key])
     section = data.get("data")
-    if isinstance(section, dict) and isinstance(section.get("train_files"), list):
-        section["train_files"] = [resolve(p) if isinstance(p, str) else p for p in section["train_files"]]
+    files = section.get("train_files") if isinstance(section, dict) else None
+    if isinstance(files, str):  # one file alone (config_parsing reads it as a one-element list)
+        section["train_files"] = resolve(files)
+    elif isinstance(files, list):
+        section["train_files"] = [resolve(p) if isinstance(p, str) else p for p in files]
     section = data.get("eval")
     if isinstance(section, dict):
         for key in ("data_dir", "adapters"):

@@ -28,6 +28,7 @@ def _docstring_attributes(cls: type) -> dict[str, str]:
     body = doc.split("Attributes:", 1)[1]
     out: dict[str, str] = {}
     current = None
+    current = None
     for line in body.splitlines():
         match = re.match(r"^\s{0,4}([A-Za-z_][A-Za-z0-9_]*)\s*(\([^)]*\))?:\s*(.*)$", line)
         if match and not line.startswith("        "):
@@ -58,13 +59,19 @@ def _source_comments(cls: type) -> dict[str, str]:
     return out
 
 
+_ABBREVIATIONS = ("e.g", "i.e", "etc", "cf")
+
+
 def _first_sentence(text: str) -> str:
-    """Up to the first `. ` or `; ` outside parentheses (the whole text when there is none)."""
+    """Up to the first full stop outside brackets that ends the text or is followed by a capitalised word (not
+    `e.g.`, `0 .. n`); `;` clauses stay, as they often say what 0 or an empty value means."""
     text = " ".join(text.split())
     depth = 0
     for i, ch in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if ch in ".;" and depth == 0 and (i + 1 == len(text) or text[i + 1] == " "):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+        if ch != "." or depth != 0 or text[:i].endswith(_ABBREVIATIONS):
+            continue
+        if i + 1 == len(text) or (text[i + 1] == " " and text[i + 2:i + 3].isupper()):
             return text[:i]
     return text
 
@@ -94,9 +101,10 @@ def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     return rows
 
 
-def format_config_keys(cls: type, prefix: str = "", width: int = 120) -> str:
-    """The keys of `cls` as an aligned text table (for an argparse epilog)."""
-    rows = config_keys(cls, prefix)
+def format_config_keys(cls: type, prefix: str = "", width: int = 120, only: tuple[str, ...] = ()) -> str:
+    """The keys of `cls` as an aligned text table (for an argparse epilog); with `only`, the keys starting with
+    one of those strings."""
+    rows = [row for row in config_keys(cls, prefix) if not only or row[0].startswith(only)]
     key_w = max(len(r[0]) for r in rows)
     lines = []
     for key, tp, default, doc in rows:
@@ -107,13 +115,19 @@ def format_config_keys(cls: type, prefix: str = "", width: int = 120) -> str:
     return "\n".join(lines)
 
 
+KEY_SYNTAX = """\
+Config keys are set in the --config YAML file, or as key=value arguments that override it (dotted paths,
+values read as YAML): perft.top_k=4, optim.learning_rate=2e-5, eval.benchmarks=[boolq,piqa]; a single item
+where a list of strings is expected is a one-element list (data.train_files=data/train.json); key= is the
+empty string (eval.adapters=); key=null is none (model.dtype=null)."""
+
+
 def config_command_parser(prog: str, description: str, cls: type, prefix: str = "") -> argparse.ArgumentParser:
     """The parser of a config-driven command: `[--config FILE] [key=value ...]`, its `--help` listing every key of
     `cls` (under `prefix`) with its type, default and doc."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the --config YAML file or as key=value; lists as [a,b]):\n"
-               + format_config_keys(cls, prefix))
+        epilog=f"{KEY_SYNTAX}\n\nconfig keys:\n{format_config_keys(cls, prefix)}")
     parser.add_argument("--config", help="YAML config file; key=value arguments override it")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. perft.top_k=2")
     return parser

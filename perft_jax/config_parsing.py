@@ -4,7 +4,8 @@ A config section is a frozen dataclass whose field annotations are the schema. `
 from plain data (parsed YAML / JSON), refusing unknown keys and values of the wrong type with a one-line
 error naming the full dotted key, then calls the section's `validate_config(prefix)` for range and cross-field
 checks. `apply_overrides` folds command-line `a.b.c=value` strings (values parsed as YAML scalars or
-lists) into the data before it is built.
+lists; `a.b.c=` is the empty string) into the data before it is built. A list of strings (`tuple[str, ...]`, e.g.
+`data.train_files`) also takes one string alone, as a one-element list: `data.train_files=train.json`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 import pathlib
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -21,18 +23,22 @@ from perft_jax.errors import UserError
 T = TypeVar("T")
 
 
+_PLURALS = {"a string": "strings", "an integer": "integers", "a number": "numbers", "true or false": "booleans"}
+
+
 def describe_type(tp: Any) -> str:
-    """An annotation in words, as errors and `--help` show it (`one of 'a', 'b'`, `a list of a string`)."""
+    """An annotation in words, as errors and `--help` show it (`one of 'a', 'b'`, `a list of strings`)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(describe_type(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {describe_type(typing.get_args(tp)[0])}"
+        item = describe_type(typing.get_args(tp)[0])
+        return f"a list of {_PLURALS.get(item, item)}"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or origin is Mapping:
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
@@ -50,8 +56,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
     elif origin is tuple:
+        (item_type, *_rest) = typing.get_args(tp)
+        if isinstance(value, str) and item_type is str:  # one path where a list of paths is expected
+            return (value,)
         if isinstance(value, (list, tuple)):
-            (item_type, *_rest) = typing.get_args(tp)
             return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
@@ -126,6 +134,9 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise UserError(f"{path}: cannot read config ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -138,14 +149,15 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Fold `a.b.c=value` strings into a copy of `data`; values are parsed as YAML (`4`, `[2,4]`, `null`)."""
+    """Fold `a.b.c=value` strings into a copy of `data`; values are parsed as YAML (`4`, `[2,4]`, `null`), and an
+    empty value (`eval.adapters=`) is the empty string, as the shell wrote it, not YAML's null."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r}: expected key=value, e.g. perft.top_k=2")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise UserError(f"override {key}: cannot parse value {raw!r}") from None
         node = data

@@ -6,7 +6,11 @@
    -> "the correct answer is true"), a training file and a held-out test file;
 3. evaluates the base with freshly attached PERFT-R adapters (generation + the LLM-Adapters scorer),
 4. fine-tunes only the adapters with `train.py`'s training loop (validation, checkpoints, metrics),
-5. evaluates again with the kept (lowest validation loss) adapters and prints both accuracies.
+5. evaluates again with the kept (lowest validation loss) adapters and prints both accuracies beside the
+   chance level (50 %: a random true / false).
+
+`mode=eval` (`perft-eval eval.adapters=runs/demo/run/best_adapters`) evaluates the demo's base with the given
+adapters (none: the base alone) on the same test file instead.
 
 Everything lives under `runs/demo/` (override with `train.output_dir=...`); the base and data are
 reused when present, and an interrupted demo resumes its training run.
@@ -22,6 +26,8 @@ from perft_jax.config import Config, EvalConfig, ModelSection, TrainConfig
 from perft_jax.config_parsing import apply_overrides, from_dict, to_dict
 from perft_jax.data.config import DataConfig
 from perft_jax.data.prompts import train_prompt
+from perft_jax.eval.scoring import get_benchmark
+from perft_jax.io import write_text_atomic
 from perft_jax.optim import OptimConfig
 from perft_jax.perft.config import PerftConfig
 
@@ -42,10 +48,7 @@ def make_rows(rng: np.random.Generator, count: int) -> list[dict]:
 
 
 def _write_json(path: pathlib.Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=4))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(rows, indent=4))
 
 
 def build_tokenizer(texts: list[str], out_dir: pathlib.Path, vocab_size: int = 384):
@@ -107,38 +110,74 @@ def demo_config(root: pathlib.Path, paths: dict, overrides: list[str]) -> Config
     return from_dict(Config, apply_overrides(to_dict(cfg), overrides), "")
 
 
-def run_demo(overrides: list[str]) -> int:
+def _answered(eval_file: pathlib.Path) -> int:
+    """How many generations of the demo task contain a label at all (the rest score as wrong)."""
+    rows = json.loads(eval_file.read_text())["generations"][TASK]
+    return sum(bool(row["pred"]) for row in rows)
+
+
+def _train(cfg: Config) -> int:
+    """mode=train: accuracy before, fine-tuning, accuracy after (each also logged as the run's eval metrics)."""
     from perft_jax.build import build_model
     from perft_jax.data.tokenize import load_tokenizer
+    from perft_jax.eval.pipeline import adapter_step, log_eval_metrics
     from perft_jax.eval.runner import evaluate
     from perft_jax.perft.adapter_files import load_adapters
     from perft_jax.train.loop import run_training
 
-    root = DEMO_DIR
-    for item in overrides:  # the demo's own files follow the run directory when it is overridden
-        if item.startswith("train.output_dir="):
-            root = pathlib.Path(item.split("=", 1)[1]).parent
-    paths = prepare_assets(root)
-    cfg = demo_config(root, paths, overrides)
     tokenizer = load_tokenizer(cfg.model.checkpoint)
     run_dir = pathlib.Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    def accuracy(model, name: str) -> float:
+    def accuracy(model, name: str, step: int) -> tuple[float, int, int]:
+        """(accuracy, replies naming a label, questions) of `model` on the demo's test set."""
         result = evaluate(model, tokenizer, list(cfg.eval.benchmarks), cfg.eval.data_dir,
-                          run_dir / f"eval_{name}.json", cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
-        return result["macro_average"]
+                          run_dir / f"eval_{name}.json", cfg.eval.batch_size,
+                          max_examples=cfg.eval.max_examples or None, num_beams=cfg.eval.num_beams)
+        log_eval_metrics(cfg, result, step)
+        return result["macro_average"], _answered(run_dir / f"eval_{name}.json"), result["n"][TASK]
 
-    before = accuracy(build_model(cfg.model, cfg.perft, seed=cfg.train.seed), "before")
+    before = accuracy(build_model(cfg.model, cfg.perft, seed=cfg.train.seed), "before", 0)
     summary = run_training(cfg)
     if summary.get("stopped"):
         return 0
-    tuned = load_adapters(build_model(cfg.model), summary["adapters"])
-    after = accuracy(tuned, "after")
+    after = accuracy(load_adapters(build_model(cfg.model), summary["adapters"]), "after",
+                     adapter_step(summary["adapters"]))
     print(f"\nPERFT-R ({cfg.perft.num_adapters} adapters, top-{cfg.perft.top_k}, D_B={cfg.perft.bottleneck}) "
           f"on {TASK} ({cfg.eval.data_dir}):")
-    print(f"  {'':<28}{'accuracy':>10}")
-    print(f"  {'before fine-tuning':<28}{100 * before:>9.1f}%")
-    print(f"  {'after fine-tuning':<28}{100 * after:>9.1f}%")
+    print(f"  {'':<30}{'accuracy':>10}   answered true/false")
+    print(f"  {'chance (a random true/false)':<30}{100 * chance_level():>9.1f}%")
+    for name, (acc, answered, count) in (("before fine-tuning", before), ("after fine-tuning", after)):
+        print(f"  {name:<30}{100 * acc:>9.1f}%   {answered} of {count}")
+    print("  (a reply with neither word counts as wrong, so a model that has not learnt the answer format scores "
+          "below chance)")
     print(f"adapters: {summary['adapters']}; metrics: {run_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _evaluate(cfg: Config) -> int:
+    """mode=eval: the demo's base (+ `eval.adapters`, e.g. runs/demo/run/best_adapters) on the demo's test set."""
+    from perft_jax.eval.pipeline import run_evaluation
+
+    run_evaluation(cfg)
+    print(f"chance level: {100 * chance_level():.1f}% (a random true/false answer)")
+    return 0
+
+
+MODES = {"train": _train, "eval": _evaluate}
+
+
+def chance_level() -> float:
+    """The accuracy of answering at random: one of the task's labels (true / false: 50 %)."""
+    return 1 / len(get_benchmark(TASK).labels)
+
+
+def run_demo(overrides: list[str]) -> int:
+    """The demo in the mode its overrides say: `mode=train` (the default) fine-tunes and compares, `mode=eval`
+    evaluates the demo base with `eval.adapters`; the run's config.json is written by training only."""
+    root = DEMO_DIR
+    for item in overrides:  # the demo's own files follow the run directory when it is overridden
+        if item.startswith("train.output_dir="):
+            root = pathlib.Path(item.split("=", 1)[1]).parent
+    cfg = demo_config(root, prepare_assets(root), overrides)
+    return MODES[cfg.mode](cfg)

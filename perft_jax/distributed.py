@@ -28,9 +28,9 @@ class DistributedConfig:
     """
 
     coordinator_address: str = ""  # host:port of process 0
-    num_processes: int = 0
-    process_id: int = -1
-    auto: bool = False
+    num_processes: int = 0  # with coordinator_address: how many processes the run has
+    process_id: int = -1  # with coordinator_address: this process's rank, 0 .. num_processes - 1
+    auto: bool = False  # let JAX detect the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)
     initialization_timeout: int = 300  # seconds to wait for every process to join
 
     def enabled(self) -> bool:

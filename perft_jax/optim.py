@@ -15,16 +15,16 @@ from perft_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with the paper's defaults (spec/PERFT.md §7): lr after warm-up, then `schedule` to 0."""
+    """AdamW with the PERFT paper's defaults: lr after warm-up, then `schedule` to 0 (spec/PERFT.md §7)."""
 
-    learning_rate: float = 1e-5
-    warmup_steps: int = 100
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    learning_rate: float = 1e-5  # the peak, reached after the warm-up (the paper: 1e-5 / 2e-5)
+    warmup_steps: int = 100  # linear warm-up from 0 over this many optimizer steps
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the warm-up: decay to 0 at total_steps, or not
     total_steps: int = 0  # optimizer steps of the run; the trainer fills it in from the data when 0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    b1: float = 0.9  # AdamW's first-moment decay
+    b2: float = 0.999  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (on the adapters: only they train)
     grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
 
     def validate_config(self, prefix: str = "optim") -> "OptimConfig":

@@ -1,4 +1,4 @@
-"""Print the parameter budget of a PERFT config: `python -m perft_jax.params --config FILE [key=value ...]`.
+"""Print the parameter budget of a PERFT config: `perft-params --config FILE [key=value ...]`.
 
 The config is a run config (perft_jax/config.py): its `model:` section names the base's architecture,
 
@@ -9,11 +9,12 @@ The config is a run config (perft_jax/config.py): its `model:` section names the
 
 and its `perft:` section the adapters; the other sections are validated and otherwise unused here.
 `key=value` overrides use dotted paths (`perft.bottleneck=16`). `--all-variants` compares S, D, R, E
-and qv_lora at the config's bottleneck / M / K. Counts follow spec/PERFT.md §5 (perft/efficiency.py).
+and qv_lora at the config's bottleneck / M / K. Counts follow the PERFT paper's definitions (arXiv 2411.08212):
+total, trainable and activated (per token) parameters, and the activated parameter efficiency.
 `--plan DEVICE` (h100-80gb, h200-141gb, v5e-16gb, v5p-95gb, or a byte count such as 24e9 / 24GiB) prints the
 per-device memory of a training run at the config's batch, sequence length and mesh, whether it fits, and the
 smallest mesh that does (perft_jax/plan.py; `--devices N` resolves a `-1` mesh axis). A training config whose
-checkpoint is not converted yet plans with `'model.checkpoint=""' model.hf_config=configs/hf/<arch>.json`.
+checkpoint is not converted yet plans with `model.checkpoint= model.hf_config=configs/hf/<arch>.json`.
 
 Bad input ends with a one-line `error: ...` naming the key or file, and exit code 2.
 """
@@ -26,6 +27,8 @@ import sys
 from typing import Any
 
 from perft_jax.build import load_run_config, resolve_model_config
+from perft_jax.config import Config
+from perft_jax.config_help import KEY_SYNTAX, format_config_keys
 from perft_jax.errors import UserError, run_cli
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
@@ -89,8 +92,16 @@ def run_plan(args: argparse.Namespace) -> str:
     return format_plan(make_plan(cfg, model_cfg, device, args.devices), title)
 
 
+# What `run` and `run_plan` read of the run config (the other sections are validated only).
+READ_SECTIONS = ("model.", "perft.", "mesh.", "data.batch_size", "data.cutoff_len")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m perft_jax.params", description=__doc__.split("\n")[0])
+    description = __doc__.split("\n\nBad input")[0]
+    epilog = (f"{KEY_SYNTAX}\n\nconfig keys read here (the other sections of a run config are validated only; "
+              f"perft-train --help lists them all):\n{format_config_keys(Config, only=READ_SECTIONS)}")
+    p = argparse.ArgumentParser(prog="perft-params", description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=pathlib.Path, help="YAML with model: and perft: sections")
     p.add_argument("--all-variants", action="store_true",
                    help="one row per variant (S, D, R, E, qv_lora) at the config's bottleneck / M / K")

@@ -72,9 +72,13 @@ def _as_axes(value: Any) -> tuple[str, ...]:
 class MeshConfig:
     """The `mesh` config section: axis sizes (-1 = the devices left), rules, dispatch, multi-host start.
 
+    The axis sizes' product must equal the device count, and at most one may be -1 ("the rest").
+
     Attributes:
-        data, fsdp, expert, tensor: mesh axis sizes; their product must equal the device count, and at
-            most one may be -1 ("the rest").
+        data: the data-parallel axis size (rows of the batch split over it); -1: the devices left.
+        fsdp: the FSDP axis size: data parallelism with the base weights split along the model width.
+        expert: the expert-parallel axis size: each device holds E / n of every layer's experts.
+        tensor: the tensor-parallel axis size: attention heads and the vocabulary split over it.
         expert_dispatch: "ring": experts run under `jax.shard_map` (models/moe/ep.py) with tokens all-gathered over
             `expert` and outputs reduce-scattered back; "ragged_a2a": under `jax.shard_map`, each (token,
             choice) pair is sent to the device holding its expert with `jax.lax.ragged_all_to_all` and back

@@ -31,9 +31,9 @@ class _Outer:
 def test_keys_types_defaults_and_docs_come_from_the_dataclass():
     rows = {key: (tp, default, doc) for key, tp, default, doc in config_keys(_Outer)}
     assert rows == {
-        "name": ("a string", "x", "what it is called"),
+        "name": ("a string", "x", "what it is called; shown in logs"),
         "kind": ("one of 'a', 'b' or null", None, ""),
-        "sizes": ("a list of an integer", [1, 2], ""),
+        "sizes": ("a list of integers", [1, 2], ""),
         "inner.depth": ("an integer", 2, "how deep it goes (in layers; never negative)"),
     }
 
@@ -60,5 +60,26 @@ def test_train_help_lists_the_config_keys(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for expected in ("--config", "config keys", "perft.variant", "one of 'none', 'perft_s'", "data.train_files",
-                     "a list of a string", "train.max_steps"):
+                     "a list of strings", "train.max_steps", "train.wandb.mode", "empty string (eval.adapters=)"):
         assert expected in out
+
+
+def test_every_key_of_the_run_config_has_a_doc_that_points_only_at_what_users_have():
+    undocumented = [key for key, _, _, doc in config_keys(Config) if not doc]
+    assert undocumented == []
+    # The project's spec and the data README are not shipped with the package: --help must not send users there.
+    for key, _, _, doc in config_keys(Config):
+        assert not any(ref in doc for ref in (".md", "README", "spec/", "shared/")), (key, doc)
+
+
+@pytest.mark.parametrize("text, first", [
+    ("one clause; another. Second sentence.", "one clause; another"),
+    ("like this, e.g. [a,b]. More.", "like this, e.g. [a,b]"),
+    ("a rank, 0 .. n - 1", "a rank, 0 .. n - 1"),
+    ("q in (0, 2]; 1.0 is Shannon.", "q in (0, 2]; 1.0 is Shannon"),
+    ("see `x.y` for more. Then", "see `x.y` for more"),
+])
+def test_first_sentence_keeps_clauses_abbreviations_and_brackets(text, first):
+    from perft_jax.config_help import _first_sentence
+
+    assert _first_sentence(text) == first

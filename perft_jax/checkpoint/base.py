@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax
 
-from perft_jax.errors import UserError
+from perft_jax.checkpoint import orbax_errors
+from perft_jax.errors import UserError, disk_error_message
 from perft_jax.models.config import ModelConfig
 
 FORMAT = "perft-jax-base-checkpoint"
@@ -202,17 +203,37 @@ def restore_groups(ckpt_dir: pathlib.Path, groups: list[str], abstract_state: di
         on_host = all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) for x in jax.tree.leaves(target))
         restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype) if on_host
                                     else ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target)
-        try:
-            subtree = checkpointer.restore(root / group, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args))
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"{root / group}: cannot restore parameter group ({e})") from None
+        with orbax_errors.HeldLogs() as held:
+            try:
+                subtree = checkpointer.restore(root / group, args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args))
+            except Exception as e:
+                found = orbax_errors.problem(e)
+                if found is None and isinstance(e, ValueError):  # e.g. orbax: the tree does not match the manifest
+                    raise UserError(f"{root / group}: cannot restore parameter group ({e})") from None
+                if found is None:
+                    raise
+                held.drop()
+                raise UserError(_damaged_group_message(pathlib.Path(ckpt_dir), group, found)) from None
         if on_host:  # zero-copy: the device arrays take over the aligned host buffers
             subtree = jax.tree.map(lambda a, x: jax.device_put(a, x.sharding, may_alias=True), subtree, target)
         set_group_subtree(restored, group, subtree)
         return_freed_memory()
     checkpointer.close()
     return restored
+
+
+def _damaged_group_message(ckpt_dir: pathlib.Path, group: str, found: orbax_errors.Problem) -> str:
+    """One line for a parameter group that cannot be read (issue 15: a truncated file), with the command that
+    rebuilds the checkpoint from its recorded source."""
+    if found.kind == "disk":
+        return disk_error_message(ckpt_dir / "params" / group, found.errno) or f"{ckpt_dir}: {found.detail}"
+    try:
+        source = json.loads((ckpt_dir / MANIFEST).read_text())["source"]["hf_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = "<the Hugging Face directory>"
+    return (f"{ckpt_dir}: parameter group {group} is damaged ({found.detail}); re-convert the checkpoint: "
+            f"python convert_weights.py --hf-dir {source} --out {ckpt_dir} --overwrite")
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:

@@ -16,23 +16,34 @@ times the adapter bytes), which is what makes frequent asynchronous saves cheap 
 Restoring loads into a freshly built, identically configured model and optimizer, in place and onto the
 shardings of their live arrays. A checkpoint of another variant or shape is refused before orbax reads it, with a
 one-line `UserError` naming the directory and the first key that differs.
+
+Faults (issue 15): a damaged newest step (truncated, corrupt or missing files) is reported in one line, set aside
+as `<step>.damaged-<n>` and the newest older step that restores is used; a full or read-only disk ends in one line
+naming the step and the space needed and free, with orbax's unfinished `<step>.orbax-checkpoint-tmp*` removed
+(checkpoint/orbax_errors.py sorts orbax's errors and holds back its repeated error logs).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
-import signal
-import threading
-from collections.abc import Callable, Mapping
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from perft_jax.errors import UserError
+from perft_jax.checkpoint import orbax_errors
+from perft_jax.checkpoint.preemption import PreemptionHandler, preemption_guard
+from perft_jax.errors import UserError, disk_error_message, disk_errors
+from perft_jax.io import set_aside
 from perft_jax.perft.adapters import AdapterParam
 
 FORMAT = "perft-jax-run-checkpoint"
@@ -50,7 +61,7 @@ class CheckpointConfig:
     """The `checkpoint` config section.
 
     Attributes:
-        directory: where step directories go; empty: `<run dir>/checkpoints` (see `resolve_directory`).
+        directory: where step directories go; empty: `<train.output_dir>/checkpoints`.
         every_steps: save after every this many optimizer steps (and always on preemption / at the end).
         keep: how many of the newest checkpoints to keep; older ones are deleted.
         async_save: write in a background thread; `save` returns once the arrays are copied to host.
@@ -143,16 +154,40 @@ def _first_mismatch(item: str, saved: dict, live: dict) -> str | None:
     return None
 
 
+class _Damaged(Exception):
+    """A run checkpoint step that cannot be read back (truncated, corrupt or missing files); `str()`: the detail."""
+
+
+def _disk_bytes(path: pathlib.Path) -> int:
+    """Space the files under `path` take on disk (allocated blocks)."""
+    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def _report(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr)
+
+
 class RunCheckpointer:
     """Saves and restores run checkpoints under one directory, keeping the newest `cfg.keep`.
 
     Use one per run; call `close()` (or use it as a context manager) so pending asynchronous writes finish.
+    Faults of the outside world end in one line: an unwritable directory (checked here, before any save) or a
+    full disk while saving is a `UserError` naming the step and the space needed and free, and the unfinished
+    step is removed; unfinished steps of an earlier, interrupted save are removed here, and a damaged newest step
+    is set aside by `restore` (which then resumes from the newest one that restores).
     """
 
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
         cfg.validate_config()
         self.cfg = cfg
         self.directory = pathlib.Path(directory).absolute()
+        with disk_errors(self.directory):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.directory).close()  # writable? (leaves nothing: an unnamed file)
+        self._bytes: int | None = None  # of the latest save, for a disk-full message
+        self._held = orbax_errors.HeldLogs()  # installed while a save may still fail
+        self._remove_unfinished(report=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True, cleanup_tmp_directories=True)
         # Handlers named up front: a fresh manager (a resumed process) can then read metadata and partial items.
@@ -160,12 +195,60 @@ class RunCheckpointer:
         handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
+    def _remove_unfinished(self, report: bool) -> list[str]:
+        """Remove orbax's temporary step directories (`<step>.orbax-checkpoint-tmp*`), saying so when `report`
+        (those of an earlier, interrupted run); their names. orbax's own `cleanup_tmp_directories` does the same,
+        but in the background and silently."""
+        names = ocp.path.step.tmp_checkpoints(self.directory)
+        if jax.process_index() == 0:
+            for name in names:
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+                if report:
+                    _report(f"note: removed the unfinished run checkpoint {self.directory / name} (an interrupted "
+                            "save)")
+        return names
+
+    def _needed(self) -> int | None:
+        """About the space a save needs: on disk, a step takes more than its bytes (metadata files, file system
+        blocks), so the newest finished step says it best."""
+        finished = [p for p in self.directory.iterdir() if p.name.isdigit()]
+        return _disk_bytes(max(finished, key=lambda p: int(p.name))) if finished else self._bytes
+
+    @contextlib.contextmanager
+    def _saving(self, finished: bool) -> Iterator[None]:
+        """Around orbax calls that start or finish a save: a full or unwritable disk becomes one line, and the
+        unfinished step is removed. orbax's error logs are held from a save until every save has `finished`."""
+        self._held.install()
+        try:
+            yield
+        except Exception as e:
+            found = orbax_errors.problem(e)
+            if found is None or found.kind != "disk":
+                self._held.emit()
+                self._held.uninstall()
+                raise
+            try:  # the first failing thread raised; the others may still be writing the unfinished step
+                self._manager.close()
+            except Exception:  # noqa: BLE001  # the same failure, reported by another thread
+                pass
+            self._held.drop()
+            self._held.uninstall()
+            names = self._remove_unfinished(report=False)  # the error says why
+            step = names[0].split(".")[0] if names else ""
+            raise UserError(disk_error_message(self.directory / step, found.errno, self._needed())) from None
+        if finished:
+            self._held.emit()
+            self._held.uninstall()
+
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_state: Mapping[str, Any],
              metadata: Mapping[str, Any], force: bool = False) -> bool:
         """Save after optimizer step `step` when it is a multiple of `every_steps`, or when `force`.
 
         Returns whether a save was started (False also when `step` is already saved). Asynchronous by default:
         the arrays are copied to host before this returns, so training may go on changing the model.
+
+        Raises:
+            UserError: the disk is full or not writable (this save, or the asynchronous one before it).
         """
         if not (force or step % self.cfg.every_steps == 0) or step in self._manager.all_steps():
             return False
@@ -176,13 +259,15 @@ class RunCheckpointer:
         meta = {"format": FORMAT, "version": VERSION, "step": int(step), "items": sorted(arrays),
                 "metadata": dict(metadata)}
         try:
-            json.dumps(meta), json.dumps(dict(data_state))
+            text = json.dumps(meta) + json.dumps(dict(data_state))
         except TypeError as e:
             raise UserError(f"run checkpoint metadata / data state is not JSON-serialisable: {e}") from None
+        self._bytes = sum(x.nbytes for x in jax.tree.leaves(arrays)) + len(text)
         args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
         args["data"] = ocp.args.JsonSave(dict(data_state))
         args["meta"] = ocp.args.JsonSave(meta)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=True))
+        with self._saving(finished=False):
+            return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=True))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -191,32 +276,80 @@ class RunCheckpointer:
         return sorted(self._manager.all_steps())
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer, step: int | None = None) -> RestoredRun:
-        """Load adapters, optimizer state and dropout RNG of `step` (default: the latest) into `model` and
-        `optimizer` in place, onto the shardings of their current arrays.
+        """Load adapters, optimizer state and dropout RNG of `step` (default: the latest that restores) into `model`
+        and `optimizer` in place, onto the shardings of their current arrays.
+
+        Without `step`, a damaged newest step (a node dying mid-write, a flaky file system) is reported in one line
+        and set aside as `<step>.damaged-<n>` (kept for inspection, no longer a step), and the next older one is
+        tried; nothing is moved when none restores.
 
         Raises:
-            UserError: no such checkpoint, or one that does not match the model (variant, sizes, dtypes).
+            UserError: no checkpoint, none that restores, or one that does not match the model (variant, sizes,
+                dtypes; older steps are not tried then, they would not match either).
         """
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise UserError(f"{self.directory}: no run checkpoint to restore")
-            step = steps[-1]
-        elif step not in steps:
-            raise UserError(f"{self.directory}: no run checkpoint for step {step} (saved steps: {steps})")
+        if step is not None:
+            if step not in steps:
+                raise UserError(f"{self.directory}: no run checkpoint for step {step} (saved steps: {steps})")
+            try:
+                return self._restore_step(model, optimizer, step)
+            except _Damaged as e:
+                raise UserError(f"{self.directory / str(step)}: damaged run checkpoint ({e})") from None
+        if not steps:
+            raise UserError(f"{self.directory}: no run checkpoint to restore")
+        damaged: dict[int, str] = {}
+        for candidate in reversed(steps):
+            try:
+                restored = self._restore_step(model, optimizer, candidate)
+            except _Damaged as e:
+                damaged[candidate] = str(e)
+                continue
+            self._set_aside(damaged, candidate)
+            return restored
+        raise UserError(f"{self.directory}: none of the run checkpoints {steps} restores (step {steps[-1]}: "
+                        f"{damaged[steps[-1]]}); nothing was moved: move the directory away to start afresh")
+
+    def _set_aside(self, damaged: dict[int, str], resumed: int) -> None:
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            for step, detail in sorted(damaged.items(), reverse=True):
+                aside = set_aside(self.directory / str(step))
+                _report(f"warning: {self.directory / str(step)}: damaged run checkpoint ({detail}); moved to "
+                        f"{aside.name} for inspection, resuming from step {resumed}")
+        if jax.process_count() > 1:  # every process sees the steps as process 0 left them
+            multihost_utils.sync_global_devices("perft_jax run checkpoint set aside")
+        self._manager.reload()
+
+    def _restore_step(self, model: nnx.Module, optimizer: nnx.Optimizer, step: int) -> RestoredRun:
         where = self.directory / str(step)
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise UserError(f"{where}: not a perft-jax run checkpoint (format {FORMAT} version {VERSION})")
         states = {"adapters": nnx.state(model, AdapterParam), "optimizer": nnx.state(optimizer),
                   "rng": nnx.state(model, nnx.RngState)}
         live = {name: _storable(state) for name, state in states.items()}
         live = {name: tree for name, tree in live.items() if jax.tree.leaves(tree)}
-        self._check_structure(step, where, meta["items"], live)
-        args = {name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
-                for name, tree in live.items()}
-        restored = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore(), **args))
+        held = orbax_errors.HeldLogs().install()
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+                raise UserError(f"{where}: not a perft-jax run checkpoint (format {FORMAT} version {VERSION})")
+            self._check_structure(step, where, meta["items"], live)
+            args = {name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+                    for name, tree in live.items()}
+            restored = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore(), **args))
+        except (UserError, _Damaged):
+            raise
+        except Exception as e:
+            found = orbax_errors.problem(e)
+            if found is None:
+                raise
+            held.drop()
+            if found.kind == "disk":  # e.g. no permission to read: no damage, and older steps would fail alike
+                raise UserError(disk_error_message(where, found.errno) or f"{where}: {found.detail}") from None
+            raise _Damaged(found.detail) from None
+        finally:
+            held.emit()
+            held.uninstall()
         for name, tree in live.items():
             _load_into(states[name], restored[name])
         nnx.update(model, states["adapters"])
@@ -234,16 +367,20 @@ class RunCheckpointer:
         for name, tree in live.items():
             saved_tree = metadata[name]
             saved_tree = getattr(saved_tree, "tree", saved_tree)  # orbax wraps it in a TreeMetadata
-            problem = _first_mismatch(name, _leaf_specs(saved_tree), _leaf_specs(tree))
+            saved = _leaf_specs(saved_tree)
+            if not saved:  # the item was saved with arrays (meta lists it): its metadata file is gone
+                raise _Damaged(f"{name}/_METADATA is missing or empty")
+            problem = _first_mismatch(name, saved, _leaf_specs(tree))
             if problem:
                 raise UserError(f"{where}: does not match the model: {problem}")
 
     def wait_until_finished(self) -> None:
         """Block until pending asynchronous saves are written and committed."""
-        self._manager.wait_until_finished()
+        with self._saving(finished=True):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> RunCheckpointer:
@@ -251,60 +388,6 @@ class RunCheckpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class PreemptionHandler:
-    """Turns SIGTERM / SIGINT into a flag the training loop polls (`should_stop()`), so it can save and exit 0.
-
-    Use as a context manager (or `install()` / `uninstall()`); the previous handlers come back on exit. A
-    second signal while the flag is set runs the previous handler (e.g. Ctrl-C twice still interrupts).
-    Signal handlers can only be set from the main thread; elsewhere this installs nothing and never stops.
-    """
-
-    def __init__(self, callback: Callable[[int], None] | None = None,
-                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self.callback = callback
-        self.signals = signals
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def should_stop(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            previous = self._previous.get(signum, signal.SIG_DFL)
-            self.uninstall()
-            if callable(previous):
-                previous(signum, frame)
-            else:
-                signal.raise_signal(signum)
-            return
-        self.signum = signum
-        if self.callback is not None:
-            self.callback(signum)
-
-    def install(self) -> PreemptionHandler:
-        if threading.current_thread() is threading.main_thread() and not self._previous:
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        previous, self._previous = self._previous, {}
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-    def __enter__(self) -> PreemptionHandler:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
-
-def preemption_guard(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
-    """`with preemption_guard() as stop: ... if stop.should_stop(): save; break` (a `PreemptionHandler`)."""
-    return PreemptionHandler(callback)
 
 
 __all__ = ["CheckpointConfig", "PreemptionHandler", "RestoredRun", "RunCheckpointer", "preemption_guard"]

@@ -1,7 +1,8 @@
 """Command line of the weight converter (`python convert_weights.py` / `perft-convert`).
 
 Import:  --hf-dir DIR|REPO_ID [--revision REV] --out DIR [--dtype bfloat16|float32] [--verify] [--overwrite]
-         [--allow-pickle]   (a hub repo id resolves through the local hub cache, else downloads: perft_jax/hub.py)
+         [--allow-pickle] [--allow-nonfinite]
+         (a hub repo id resolves through the local hub cache, else downloads: perft_jax/hub.py)
 Export:  --export --ckpt DIR --out DIR [--tokenizer DIR|REPO_ID]   (a perft-jax base checkpoint back to an HF
          directory, with the tokenizer files and generation config the converter kept in the checkpoint)
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle-based pytorch_model*.bin weights (only for files you trust)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert tensors holding NaN / inf as they are (counted and reported) instead of refusing")
     p.add_argument("--export", action="store_true", help="export a perft-jax checkpoint (--ckpt) to HF")
     p.add_argument("--ckpt", type=pathlib.Path, help="with --export: the perft-jax base checkpoint")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="with --export: safetensors shard size")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> None:
     if args.verify and importlib.util.find_spec("torch") is None:  # fail before converting, not after
         raise UserError("--verify needs torch (pip install 'perft-jax[hf]')")
     cfg = convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                            overwrite=args.overwrite, show_progress=not args.no_progress, revision=args.revision)
+                            overwrite=args.overwrite, show_progress=not args.no_progress, revision=args.revision,
+                            allow_nonfinite=args.allow_nonfinite)
     print(f"converted {cfg.model_type} ({cfg.num_layers} layers, {cfg.num_experts} experts, "
           f"{cfg.param_dtype}) {args.hf_dir} -> {args.out}")
     if args.verify:

@@ -8,15 +8,21 @@ benchmarks/converter.py, benchmarks/RESULTS.md.
 Everything that can be checked is checked before anything is written: the config, every expected
 tensor's presence, shape and dtype, and no unexpected tensors. The checkpoint is then built in a
 temporary sibling directory and renamed into place at the end, so a failed or interrupted conversion
-never leaves a directory that looks like a checkpoint.
+never leaves a directory that looks like a checkpoint (one left by a killed run is removed by the next, io.py).
+
+Faults (issue 15): a tensor holding NaN / inf is refused (counted while streaming; `allow_nonfinite` converts and
+reports them), and a full or read-only disk ends in one line naming `--out` and the space needed and free.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import pathlib
 import shutil
+import sys
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import ml_dtypes
@@ -24,9 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from perft_jax.checkpoint import base as base_ckpt
+from perft_jax.checkpoint import orbax_errors
 from perft_jax.convert import hf_keys
 from perft_jax.convert.source import FLOAT_DTYPES, TensorSource, open_hf_dir
-from perft_jax.errors import UserError
+from perft_jax.errors import UserError, disk_error_message
 from perft_jax.hub import GENERATION_CONFIG, locate, model_patterns, tokenizer_files
 from perft_jax.io import atomic_directory
 from perft_jax.models import ModelConfig
@@ -72,22 +79,74 @@ def _check_tensors(source: TensorSource, plan, cfg: ModelConfig, where: str) -> 
         raise UserError(f"{source.file_of(unexpected[0])}: unexpected tensor {unexpected[0]}{more}")
 
 
-class _LazyTensors:
-    """The HF tensors of one TensorMap, read from disk (and cast) only when indexed."""
+class NonFinite:
+    """NaN / inf values per source tensor, counted while the tensors stream through (no pass of its own over the
+    weights: one float64 sum of each array as it is read, which any NaN or inf makes non-finite; counting by kind
+    only then). Casting to a narrower `--dtype` can overflow finite values to inf: those count too.
 
-    def __init__(self, source: TensorSource, keys: tuple[str, ...], dtype, on_read: Callable[[], None]):
+    Unless `allow`, the first tensor holding any is refused with a one-line UserError naming it and its counts.
+    """
+
+    def __init__(self, source: TensorSource, allow: bool):
+        self._source, self.allow = source, allow
+        self.counts: dict[str, dict[str, int]] = {}  # key -> {"nan", "inf", "overflow"}
+
+    def check(self, key: str, raw: np.ndarray, cast: np.ndarray) -> None:
+        if math.isfinite(cast.sum(dtype=np.float64)):  # exact: float16/32 values cannot overflow a float64 sum
+            return
+        if not self.allow:  # count the whole tensor (only rows of it may be at hand), then refuse
+            raw = self._source.get(key)
+            cast = raw.astype(cast.dtype, copy=False)
+            self.counts[key] = {}
+        found = self.counts.setdefault(key, {})
+        for kind, where in (("nan", np.isnan(raw)), ("inf", np.isinf(raw)),
+                            ("overflow", np.isfinite(raw) & ~np.isfinite(cast))):
+            found[kind] = found.get(kind, 0) + int(np.count_nonzero(where))
+        if not self.allow:
+            raise UserError(f"{self._source.file_of(key)}: tensor {key} holds {self.describe(key)} of "
+                            f"{math.prod(self._source.shape(key))} values; refusing to convert non-finite weights "
+                            "(pass --allow-nonfinite to convert them as they are)")
+
+    def describe(self, key: str) -> str:
+        found = self.counts[key]
+        overflow = (f", {found['overflow']} finite values that overflow to inf in the stored dtype"
+                    if found["overflow"] else "")
+        return f"{found['nan']} NaN, {found['inf']} inf{overflow}"
+
+    def summary(self) -> str:
+        """One line: how many tensors and values, naming the first few tensors."""
+        keys = sorted(self.counts)
+        total = sum(sum(found.values()) for found in self.counts.values())
+        named = "; ".join(f"{key} ({self.describe(key)})" for key in keys[:3])
+        more = f"; and {len(keys) - 3} more tensors" if len(keys) > 3 else ""
+        return f"converted {total} non-finite values in {len(keys)} tensors as they are: {named}{more}"
+
+
+class _LazyTensors:
+    """The HF tensors of one TensorMap, read from disk (and cast) only when indexed; each checked for NaN / inf."""
+
+    def __init__(self, source: TensorSource, keys: tuple[str, ...], dtype, on_read: Callable[[], None],
+                 nonfinite: NonFinite):
         self._source, self._keys, self._dtype, self._on_read = source, keys, dtype, on_read
+        self._nonfinite = nonfinite
 
     def __len__(self):
         return len(self._keys)
 
+    def _cast(self, key: str, raw: np.ndarray) -> np.ndarray:
+        # numpy would warn on stderr about overflowing casts and inf - inf sums: NonFinite reports them instead
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = raw.astype(self._dtype, copy=False)
+            self._nonfinite.check(key, raw, array)
+        return array
+
     def __getitem__(self, index: int) -> np.ndarray:
-        array = self._source.get(self._keys[index]).astype(self._dtype, copy=False)
+        array = self._cast(self._keys[index], self._source.get(self._keys[index]))
         self._on_read()
         return array
 
     def rows(self, index: int, start: int, stop: int) -> np.ndarray:
-        array = self._source.get_rows(self._keys[index], start, stop).astype(self._dtype, copy=False)
+        array = self._cast(self._keys[index], self._source.get_rows(self._keys[index], start, stop))
         if stop == self._source.shape(self._keys[index])[0]:  # the tensor's last rows: count it as read
             self._on_read()
         return array
@@ -103,11 +162,11 @@ def _nest(flat: dict[tuple, Any]) -> dict:
     return tree
 
 
-def _build_group(source: TensorSource, maps, dtype, progress: tqdm) -> dict:
+def _build_group(source: TensorSource, maps, dtype, progress: tqdm, nonfinite: NonFinite) -> dict:
     """One group's tree: small tensors read now, expert stacks as RowBlocks read while being written."""
     flat = {}
     for tmap in maps:
-        tensors = _LazyTensors(source, tmap.hf_keys, dtype, lambda: progress.update(1))
+        tensors = _LazyTensors(source, tmap.hf_keys, dtype, lambda: progress.update(1), nonfinite)
         path = tmap.path[2:] if tmap.path[0] == "layers" else tmap.path
         if tmap.to_jax_rows is not None:
             row_bytes = math.prod(tmap.shape[1:]) * np.dtype(dtype).itemsize
@@ -129,9 +188,34 @@ def check_output(out_dir: pathlib.Path, overwrite: bool) -> None:
             raise UserError(f"{out_dir}: already holds {what}; pass --overwrite to replace it")
 
 
+@contextlib.contextmanager
+def _writing(out_dir: pathlib.Path, needed: int) -> Iterator[None]:
+    """A full or unwritable disk while writing the checkpoint (an OSError, or orbax's RESOURCE_EXHAUSTED and
+    the like) is one line naming `out_dir` and the space needed and free; orbax's repeated error logs are
+    dropped. The temporary directory is gone by then (atomic_directory), so "free" is what the disk really has."""
+    with orbax_errors.HeldLogs() as held:
+        try:
+            yield
+        except UserError:
+            held.drop()  # e.g. a refused tensor: orbax logged the failed RowBlocks write too
+            raise
+        except Exception as e:
+            found = orbax_errors.problem(e)
+            if found is None or found.kind != "disk":
+                raise
+            held.drop()
+            raise UserError(disk_error_message(out_dir, found.errno, needed)) from None
+
+
+def _output_bytes(plan, dtype: str) -> int:
+    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    return sum(math.prod(tmap.shape) * itemsize for _, maps in plan for tmap in maps)
+
+
 def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
                       allow_pickle: bool = False, overwrite: bool = False,
-                      show_progress: bool = True, revision: str | None = None) -> ModelConfig:
+                      show_progress: bool = True, revision: str | None = None,
+                      allow_nonfinite: bool = False) -> ModelConfig:
     """Convert an HF OLMoE / Mixtral directory into a perft-jax base checkpoint at `out_dir`.
 
     The tokenizer files and generation config beside the weights are copied into the checkpoint (the default
@@ -145,6 +229,8 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
       allow_pickle: also accept `pytorch_model*.bin` (pickle; loaded with `weights_only=True`).
       overwrite: replace an existing checkpoint at `out_dir`.
       revision: with a hub repo id: its branch, tag or commit (default: main).
+      allow_nonfinite: convert tensors holding NaN / inf (counted, reported on stderr and in the manifest)
+        instead of refusing the first one.
     Returns:
       The resolved ModelConfig written to the checkpoint.
     """
@@ -162,11 +248,14 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
         fused = any(k.endswith(".experts.gate_up_proj") for k in source.keys())
         plan = hf_keys.group_plan(cfg, arch, fused)
         _check_tensors(source, plan, cfg, str(hf_dir))
-        with atomic_directory(out_dir) as tmp:
+        nonfinite = NonFinite(source, allow_nonfinite)
+        needed = _output_bytes(plan, dtype)
+        with _writing(out_dir, needed), atomic_directory(out_dir, needed) as tmp:
             total = sum(len(m.hf_keys) for _, maps in plan for m in maps)
             with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as progress:
                 for group, maps in plan:
-                    base_ckpt.save_group(tmp, group, _build_group(source, maps, NUMPY_DTYPES[dtype], progress))
+                    tree = _build_group(source, maps, NUMPY_DTYPES[dtype], progress, nonfinite)
+                    base_ckpt.save_group(tmp, group, tree)
                     source.close()
                     base_ckpt.return_freed_memory()
             shutil.copy2(hf_dir / "config.json", tmp / "config.json")
@@ -175,7 +264,10 @@ def convert_hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dty
                     shutil.copy2(path, tmp / path.name)
             hub = {"hub": {"repo_id": located.repo_id, "commit": located.commit}} if located.repo_id else {}
             base_ckpt.write_manifest(tmp, cfg, {"source": {"hf_dir": str(hf_dir.absolute()), **hub,
-                                                           "expert_layout": "fused" if fused else "per_expert"}})
+                                                           "expert_layout": "fused" if fused else "per_expert",
+                                                           "nonfinite": nonfinite.counts}})
     finally:
         source.close()
+    if nonfinite.counts:
+        print(f"warning: {hf_dir}: {nonfinite.summary()}", file=sys.stderr)
     return cfg

@@ -23,24 +23,25 @@ def _is_int(value: object) -> bool:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Attributes:
-    train_files: LLM-Adapters JSON files (`dataset_format: json`, README §1) or `datasets.save_to_disk`
-        folders (`dataset_format: hf_disk`); their rows are concatenated in the order given. An entry that is no
+    train_files: LLM-Adapters JSON files (`dataset_format: json`: arrays of instruction / input / output rows) or
+        `datasets.save_to_disk` folders (`dataset_format: hf_disk`), concatenated in the order given; one alone
+        needs no list (`data.train_files=train.json`). Spec: data README §1. An entry that is no
         existing path but is shaped `namespace/name` is a hub dataset: its `train` split, loaded with
         `datasets.load_dataset(name, split="train")` (the user's datasets cache; offline under
         HF_DATASETS_OFFLINE=1), whatever `dataset_format` says. `./namespace/name` is always a path.
     dataset_format: `json` (read with `datasets.load_dataset("json", ...)`) or `hf_disk`
         (`datasets.load_from_disk`).
-    cutoff_len: truncation length in tokens, special tokens included (README §2).
+    cutoff_len: truncation length in tokens, special tokens included. Spec: data README §2.
     train_on_inputs: True: the loss covers prompt and response; False: the prompt's tokens get label -100.
-    add_eos: append EOS when the text was not truncated and does not already end in EOS (README §2).
-    val_set_size: rows held out for validation loss (PERFT.md §7: 120); 0 disables the split.
+    add_eos: append EOS when the text was not truncated and does not already end in EOS. Spec: data README §2.
+    val_set_size: rows held out for validation loss (the paper: 120); 0 disables the split.
     val_seed: seed of the validation split (upstream `train_test_split(..., seed=42)`).
     shuffle_seed: seed of the per-epoch training order (`numpy.random.default_rng((shuffle_seed, epoch))`).
     batch_size: global batch per optimizer micro-step, summed over all hosts.
     pad_to_multiple_of: without `length_buckets`, each batch is padded to the next multiple of this.
     length_buckets: fixed sequence lengths, increasing; a batch takes the smallest one that fits its longest row.
         Empty: the multiple-of rule above. The largest bucket must hold `cutoff_len` tokens.
-    pad_id: token id put in padded positions (README §2: upstream pads with 0; the attention mask hides them).
+    pad_id: token id put in padded positions (upstream LLM-Adapters pads with 0; the attention mask hides them).
     skip_malformed: drop (and count) rows that lack a string `instruction`/`output` or tokenise to nothing,
         instead of refusing the file.
     drop_last: drop each epoch's last partial batch; False fills it up with empty rows (all labels -100).

@@ -9,6 +9,10 @@ that the held-out rows are the same ones.
 Rows are checked and tokenised before the split, so an error names the row of the file it came from. With no
 malformed row this gives the same split as upstream, which splits first: `train_test_split`'s permutation depends
 only on the row count and the seed.
+
+A JSON file (a JSON array of records, or JSON Lines, as `load_dataset("json")` reads both) is first checked here:
+UTF-8, not empty, every record an object; what `datasets` would turn into a traceback or a silently wrong table
+(`[]`, `[1, 2]`, `{"data": [...]}`) is a one-line error naming the file and the row or line.
 """
 from __future__ import annotations
 
@@ -81,19 +85,55 @@ class TrainingData:
     skipped: tuple[str, ...] = ()
 
 
-def _explain_load_failure(path: str, err: Exception) -> UserError:
-    """A one-line error for a JSON file `datasets` cannot read, naming the first non-object row if there is one."""
+def _parse_json(path: str, text: str, where: str = ""):
     try:
-        parsed = json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError) as parse_err:
-        return UserError(f"{path}: not valid JSON ({parse_err})")
-    if not isinstance(parsed, list):
-        return UserError(f"{path}: expected a JSON array of records (README §1), got a {type(parsed).__name__}")
-    for i, row in enumerate(parsed):
-        if not isinstance(row, dict):
-            return UserError(f"{path}: row {i}: expected a JSON object with 'instruction' and 'output', "
-                             f"got a {type(row).__name__}")
-    return UserError(f"{path}: cannot load as LLM-Adapters JSON ({err.__cause__ or err})")
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: {where}not valid JSON ({err})") from None
+
+
+def _json_records(path: str, text: str) -> list[tuple[str, object]]:
+    """The records of a JSON array ("row <i>", 0-based) or of JSON Lines ("line <n>", as editors number them)."""
+    body = text.lstrip()
+    if body.startswith("["):
+        return [(f"row {i}", record) for i, record in enumerate(_parse_json(path, text))]
+    if body.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:  # JSON Lines: one record per line
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            return [(f"line {n}", _parse_json(path, line, f"line {n}: ")) for n, line in lines]
+        if "instruction" not in whole:  # e.g. {"data": [...]}: `datasets` would read it as one row
+            raise UserError(f"{path}: a JSON object with keys {sorted(whole)[:5]}; expected a JSON array of records "
+                            "(README §1) or JSON Lines (one record per line)")
+        return [("row 0", whole)]
+    value = _parse_json(path, text)
+    raise UserError(f"{path}: expected a JSON array of records (README §1), got {type(value).__name__}")
+
+
+def _check_json_file(path: str) -> None:
+    """A one-line error for a training file that is no JSON array (or JSON Lines) of objects, before `datasets`
+    reads it: it fails on `[]` or an empty file with a traceback, reads `[1, 2]` as a "text" column and
+    `{"data": [...]}` as one row."""
+    file = pathlib.Path(path)
+    if file.is_dir():
+        raise UserError(f"{path}: a directory, but data.dataset_format=json reads JSON files (a "
+                        "`datasets.save_to_disk` folder needs data.dataset_format=hf_disk)")
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # `datasets` skips a BOM too
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save it as "
+                        "UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file; expected a JSON array of records (README §1)")
+    records = _json_records(path, text)
+    if not records:
+        raise UserError(f"{path}: an empty JSON array; expected at least one record (README §1)")
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: {where}: expected a JSON object with 'instruction' and 'output', "
+                            f"got {type(record).__name__}")
 
 
 def _load_hub_dataset(name: str) -> datasets.Dataset:
@@ -122,14 +162,18 @@ def _load_one(path: str, dataset_format: str, cache_dir: str | None) -> datasets
     if not pathlib.Path(path).exists():
         raise UserError(f"{path}: training file not found (data.train_files)")
     if dataset_format == "json":
+        _check_json_file(path)
         try:
             return datasets.load_dataset("json", data_files=[path], split="train", cache_dir=cache_dir)
         except datasets.exceptions.DatasetGenerationError as err:
-            raise _explain_load_failure(path, err) from err
+            raise UserError(f"{path}: cannot load as LLM-Adapters JSON ({err.__cause__ or err})") from err
+    if pathlib.Path(path).is_file():
+        raise UserError(f"{path}: a file, but data.dataset_format=hf_disk reads `datasets.save_to_disk` folders (a "
+                        "JSON file needs data.dataset_format=json)")
     try:
         loaded = datasets.load_from_disk(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"{path}: not a `datasets.save_to_disk` folder ({err})") from err
+    except (OSError, ValueError) as err:  # also a damaged one: pyarrow's read errors are OSError / ValueError
+        raise UserError(f"{path}: not a readable `datasets.save_to_disk` folder ({err})") from err
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise UserError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(loaded)})")
@@ -214,7 +258,7 @@ def tokenize_records(source: RecordSource, tokenizer: Tokenizer, cfg: DataConfig
         across all files) and one `<file>: row <i>: <why>` line per malformed row (0-based within its file).
 
     Raises:
-        UserError: the first malformed row, naming its file and row, unless `cfg.skip_malformed`.
+        UserError: the first malformed row, naming its file and row, unless `cfg.skip_malformed`; no usable row.
     """
     parts, messages = [], []
     for path, records, start in zip(source.files, source.parts, source.starts):
@@ -229,6 +273,9 @@ def tokenize_records(source: RecordSource, tokenizer: Tokenizer, cfg: DataConfig
             log.warning("skipping malformed row: %s", message)
         log.warning("skipped %d malformed rows of %d (data.skip_malformed)", len(messages), len(source))
     tokenized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(tokenized) == 0:
+        found = f"all {len(source)} rows are malformed (first: {messages[0]})" if messages else "they hold no rows"
+        raise UserError(f"data.train_files: no usable training row in {list(source.files)}: {found}")
     return tokenized, tuple(messages)
 
 

@@ -8,13 +8,13 @@ with `train_on_inputs=False` mask as many leading labels as the prompt prefix ha
 """
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from perft_jax.errors import UserError
-from perft_jax.hub import locate, tokenizer_patterns
+from perft_jax.hub import locate, tokenizer_files, tokenizer_patterns
+from perft_jax.io import read_json_object
 from perft_jax.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
     eos_id: int | None
     pad_id: int | None
     bos_id: int | None
+    vocab_size: int  # ids run 0 .. vocab_size - 1, added tokens included: the embedding rows the model needs
+    source: str  # where it was loaded from, for messages
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """Ids of `text` with the tokenizer's own special tokens (BOS for Llama/Mixtral), truncated at
@@ -57,6 +59,7 @@ class _HFTokenizer:
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id
         self.bos_id = tok.bos_token_id
+        self.vocab_size = max(tok.get_vocab().values()) + 1
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         return self.encode_batch([text], max_length)[0]
@@ -81,6 +84,7 @@ class _TokenizersFile:
             raise UserError(f"{source}: no EOS token among {list(_EOS_NAMES)}; pass eos_token=...")
         self.pad_id = self._find(pad_token, _PAD_NAMES, "pad_token")
         self.bos_id = self._find(bos_token, _BOS_NAMES, "bos_token")
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def _find(self, given: str | None, names: tuple[str, ...], what: str) -> int | None:
         if given is not None:
@@ -122,6 +126,7 @@ class _SentencePiece:
         # SentencePiece reports a missing special token as -1.
         self.bos_id, self.eos_id, self.pad_id = (
             i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()))
+        self.vocab_size = self._sp.get_piece_size()
         if (add_bos and self.bos_id is None) or (add_eos and self.eos_id is None):
             raise UserError(f"{path}: the model has no BOS/EOS piece to add")
 
@@ -157,7 +162,8 @@ def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = N
         eos_token, pad_token, bos_token: spellings of the special tokens, for a bare `tokenizer.json` only.
 
     Raises:
-        UserError: the path is missing or of an unknown kind, or the tokenizer has no EOS.
+        UserError: the path is missing or of an unknown kind, a folder holds no tokenizer files (never a
+            tokenizer built from config.json alone), or the tokenizer has no EOS.
     """
     path = locate(path_or_dir, allow_patterns=tokenizer_patterns()).path
     if not path.exists():
@@ -167,7 +173,7 @@ def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = N
             flags = {}
             config_file = path / "tokenizer_config.json"
             if config_file.is_file():
-                flags = json.loads(config_file.read_text())
+                flags = read_json_object(config_file, "tokenizer config")
             return _SentencePiece(str(path / "tokenizer.model"), add_bos=bool(flags.get("add_bos_token", True)),
                                   add_eos=bool(flags.get("add_eos_token", False)))
         from transformers import AutoTokenizer
@@ -175,7 +181,13 @@ def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = N
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as err:
+            if not tokenizer_files(path):
+                raise _no_tokenizer_files(path) from None
             raise UserError(f"{path}: cannot load an HF tokenizer from this folder ({err})") from err
+        # Without its vocabulary files, AutoTokenizer still builds the class config.json names, holding only the
+        # special tokens (a 2-token tokenizer for OLMoE): every text would tokenise to nothing.
+        if not any((path / name).is_file() for name in tok.vocab_files_names.values()):
+            raise _no_tokenizer_files(path)
         return _HFTokenizer(tok, str(path))
     if path.suffix == ".model":
         return _SentencePiece(str(path))
@@ -188,6 +200,36 @@ def load_tokenizer(path_or_dir: str | pathlib.Path, *, eos_token: str | None = N
             raise UserError(f"{path}: not a `tokenizers` JSON file ({err})") from err
         return _TokenizersFile(tok, str(path), eos_token, pad_token, bos_token)
     raise UserError(f"{path}: expected a tokenizer folder, a tokenizer.json or a SentencePiece .model file")
+
+
+def _no_tokenizer_files(path: pathlib.Path) -> UserError:
+    return UserError(f"{path}: no tokenizer files in this folder (tokenizer.json, tokenizer.model or vocab.json + "
+                     "merges.txt): set model.tokenizer to the base's tokenizer (a folder, file or hub name), or "
+                     "convert the base again from an HF folder that has its tokenizer files beside the weights")
+
+
+def check_fits_vocabulary(tokenizer: Tokenizer, vocab_size: int, model: str, pad_id: int | None = None) -> None:
+    """Every id `tokenizer` can produce (and the padding id `pad_id`) must index a row of the model's embedding.
+
+    A tokenizer of another model otherwise trains on ids past the embedding (XLA clamps the gather) and ends as a
+    NaN loss far from its cause. The tokenizer's own special ids (EOS, PAD, BOS) are among its ids.
+
+    Args:
+        tokenizer: from `load_tokenizer`.
+        vocab_size: the model's vocabulary (embedding rows).
+        model: where the model config came from (a checkpoint or config.json), for the message.
+        pad_id: the id padded positions get (`data.pad_id`).
+
+    Raises:
+        UserError: naming the tokenizer and the model.
+    """
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"tokenizer {tokenizer.source} has ids up to {tokenizer.vocab_size - 1}, but the base model "
+                        f"{model} has vocab_size {vocab_size}: they do not belong together; set model.tokenizer to "
+                        "the base's own tokenizer")
+    if pad_id is not None and not 0 <= pad_id < vocab_size:
+        raise UserError(f"data.pad_id: expected an id below the vocab_size {vocab_size} of the base model {model}, "
+                        f"got {pad_id}")
 
 
 class TokenizedExample(NamedTuple):
@@ -212,6 +254,8 @@ def tokenize_batch(tokenizer: Tokenizer, prompts: Sequence[str], fulls: Sequence
     Raises:
         UserError: a text tokenises to no tokens (upstream would fail on `input_ids[-1]`) and not allow_empty.
     """
+    if not fulls:  # HF tokenizers fail on an empty batch (an IndexError inside transformers)
+        return []
     full_ids = tokenizer.encode_batch(fulls, max_length=cfg.cutoff_len)
     prompt_lens = None
     if not cfg.train_on_inputs:

@@ -1,4 +1,4 @@
-"""Batched greedy and beam-search generation with the model's KV cache.
+"""Batched greedy, sampling and beam-search generation with the model's KV cache.
 
 The evaluation protocol (shared/data/llm_adapters/README.md §3, spec/PERFT.md §7) decodes left-padded prompts
 with HF `generate`: beam search with 4 beams in the reference, greedy as the cheap default here. Both loops
@@ -11,9 +11,13 @@ below reproduce transformers 5.23's `GenerationMixin` token for token (tests/eva
   the best N others keep running; reaching `max_new_tokens` finishes every candidate; `early_stopping`
   (False | True | "never") decides when a prompt can stop, exactly as HF's heuristic does. The length counts
   new tokens only (transformers >= 4.4x; older releases divided by the full length, prompt included).
+- sampling (`_sample` with `do_sample=True`): the greedy loop, drawing each token from the temperature /
+  top-k / top-p warped distribution instead of taking the argmax (eval/sampling.py: HF's warpers, their
+  order and defaults; each row its own random stream, so a row's tokens do not depend on its batch).
 
 One prefill writes the prompts into the cache, then a `jax.lax.while_loop` decodes one token per step, so a
-call compiles once per (batch, padded length, settings). Prompts are left-padded to a multiple of
+call compiles once per (batch, padded length, max_new_tokens, num_beams, greedy or sampling): the
+sampling settings, seed, EOS / pad ids and beam settings are data. Prompts are left-padded to a multiple of
 `pad_to_multiple_of` and the batch to `pad_batch_to` rows to reuse compilations; neither changes the result,
 because positions come from the attention mask and every row is decoded independently of the others.
 
@@ -34,6 +38,7 @@ from flax import nnx
 
 from perft_jax.distributed import global_batch, to_host
 from perft_jax.errors import UserError
+from perft_jax.eval import sampling
 from perft_jax.models.decoder import KVCache, MoeForCausalLM, init_cache
 from perft_jax.sharding import LogicalSharding, model_sharding
 
@@ -51,9 +56,11 @@ class PromptTooLongError(UserError):
 
 def generate(model: MoeForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
              pad_id: int, num_beams: int = 1, *, early_stopping: bool | str = False, length_penalty: float = 1.0,
-             max_cache_len: int | None = None, pad_to_multiple_of: int = 16,
-             pad_batch_to: int | None = None) -> list[list[int]]:
-    """Continue each prompt by up to `max_new_tokens` tokens (greedy, or beam search when `num_beams > 1`).
+             max_cache_len: int | None = None, pad_to_multiple_of: int = 16, pad_batch_to: int | None = None,
+             do_sample: bool = False, temperature: float = sampling.DEFAULT_TEMPERATURE,
+             top_k: int = sampling.DEFAULT_TOP_K, top_p: float = sampling.DEFAULT_TOP_P, seed: int = 0,
+             streams: Sequence[int] | None = None) -> list[list[int]]:
+    """Continue each prompt by up to `max_new_tokens` tokens: greedy, sampled, or by beam search (`num_beams > 1`).
 
     Args:
         model: the LM (adapters included); run in eval mode (dropout off) without changing the caller's model.
@@ -67,13 +74,19 @@ def generate(model: MoeForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new
             `max_position_embeddings`.
         pad_to_multiple_of: round the padded prompt length up to this multiple (fewer distinct compilations).
         pad_batch_to: repeat the last prompt up to this many rows (one compilation for a ragged last batch).
+        do_sample: draw each token from softmax(warped logits) instead of the argmax (one beam only).
+        temperature, top_k, top_p: sampling only; HF's meaning and defaults (top_k=0 / top_p=1 disable a filter).
+        seed: sampling only: the PRNG key's seed (`jax.random.key(seed)`).
+        streams: sampling only: each prompt's random stream id (default: its row index); a caller splitting one
+            list of prompts into batches passes the prompts' indices in the list, so the split does not matter.
 
     Returns:
         B lists of new token ids: up to and including the first EOS, else all `max_new_tokens` tokens.
 
     Raises:
         PromptTooLongError (a UserError): a prompt longer than `max_cache_len - max_new_tokens`; names the row.
-        UserError: empty batch or prompt, bad `max_new_tokens`, `num_beams` or `early_stopping`.
+        UserError: empty batch or prompt, bad `max_new_tokens`, `num_beams`, `early_stopping` or sampling setting;
+            sampling with several beams.
     """
     if not prompt_ids:
         raise UserError("generate: no prompts")
@@ -83,6 +96,17 @@ def generate(model: MoeForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new
         raise UserError(f"generate: num_beams must be a positive integer, got {num_beams!r}")
     if early_stopping not in (False, True, "never"):
         raise UserError(f"generate: early_stopping must be False, True or 'never', got {early_stopping!r}")
+    settings = None
+    if do_sample:
+        if num_beams > 1:
+            raise UserError(f"generate: do_sample samples with one beam; got num_beams={num_beams} (beam sampling "
+                            "is not supported)")
+        try:
+            settings = sampling.sampling_settings(temperature, top_k, top_p, seed)
+        except UserError as e:
+            raise UserError(f"generate: {e}") from None
+        if streams is not None and len(streams) != len(prompt_ids):
+            raise UserError(f"generate: {len(streams)} streams for {len(prompt_ids)} prompts")
     budget = model.config.max_position_embeddings if max_cache_len is None else max_cache_len
     for row, ids in enumerate(prompt_ids):
         if len(ids) == 0:
@@ -97,16 +121,24 @@ def generate(model: MoeForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new
         shards = _batch_shards(logical)
         rows = -(-rows // shards) * shards
     ids, mask = _left_pad(prompt_ids, pad_id, pad_to_multiple_of, rows)
+    batch = {"ids": ids, "mask": mask}
+    if settings is not None:
+        # Padding rows copy the last prompt and its stream: the same tokens, so they never extend the loop.
+        stream_ids = list(range(len(prompt_ids)) if streams is None else streams)
+        batch["streams"] = np.asarray(stream_ids + stream_ids[-1:] * (rows - len(prompt_ids)), np.int32)
     if logical is None:
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        batch = {name: jnp.asarray(value) for name, value in batch.items()}
     else:
-        placed = global_batch({"ids": ids, "mask": mask}, logical.batch_sharding(ids.shape))
-        ids, mask = placed["ids"], placed["mask"]
+        batch = {name: global_batch({name: value}, logical.batch_sharding(value.shape))[name]
+                 for name, value in batch.items()}
+    ids, mask = batch["ids"], batch["mask"]
     # Dropout off in a view: the caller's module keeps its own mode.
     graphdef, state = nnx.split(nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False))
     args = (graphdef, state, ids, mask, jnp.int32(eos_id), jnp.int32(pad_id))
     if num_beams == 1:
-        tokens, lengths = _greedy(*args, max_new_tokens=max_new_tokens)
+        # Greedy (settings None) and sampling are two compilations; any settings and seed share the second.
+        tokens, lengths = _greedy(*args, settings=settings, streams=batch.get("streams"),
+                                  max_new_tokens=max_new_tokens)
     else:
         # The early-stopping mode and length penalty are data, so one compilation serves every setting.
         tokens, lengths = _beam_search(*args, jnp.bool_(early_stopping is True), jnp.bool_(early_stopping == "never"),
@@ -151,14 +183,21 @@ def _decode(graphdef, state, tokens: jax.Array, cache: KVCache) -> tuple[jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _greedy(graphdef, state, ids, mask, eos_id, pad_id, *, max_new_tokens: int):
-    """tokens [B, max_new_tokens] int32 (pad after EOS) and lengths [B] (EOS included)."""
+def _greedy(graphdef, state, ids, mask, eos_id, pad_id, settings: sampling.SamplingSettings | None = None,
+            streams: jax.Array | None = None, *, max_new_tokens: int):
+    """tokens [B, max_new_tokens] int32 (pad after EOS) and lengths [B] (EOS included); the argmax at every step,
+    or with `settings` a draw from the warped distribution, from each row's random stream (`streams` [B] int32)."""
     b = ids.shape[0]
+    keys = None if settings is None else sampling.row_keys(settings, streams)
     logits, cache = _prefill(graphdef, state, ids, mask, max_new_tokens)
 
     def body(carry):
         step, logits, cache, tokens, lengths, done, _ = carry
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        if settings is None:
+            pick = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            pick = sampling.sample(keys, step, logits, settings)
+        nxt = jnp.where(done, pad_id, pick)
         tokens = tokens.at[:, step].set(nxt)
         lengths = jnp.where(done, lengths, step + 1)
         done = done | (nxt == eos_id)

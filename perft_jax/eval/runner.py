@@ -24,6 +24,7 @@ from perft_jax.errors import UserError
 from perft_jax.eval.generate import PromptTooLongError, generate
 from perft_jax.eval.scoring import COMMONSENSE, extract_response, get_benchmark, macro_average, score
 from perft_jax.hub import locate
+from perft_jax.io import write_text_atomic
 
 # PERFT.md §7: 4 new tokens after `the correct answer is`; README §3: 256 for math.
 DEFAULT_MAX_NEW_TOKENS = {"commonsense": 4, "math": 256}
@@ -33,19 +34,24 @@ def load_benchmark(data_dir: str | os.PathLike, name: str, max_examples: int | N
     """The rows of `<data_dir>/<name>/test.json` (README §1 schema), the first `max_examples` if given.
 
     Raises:
-        UserError: missing or unreadable file, or a row without a string `instruction` / an `answer`.
+        UserError: missing, unreadable (not UTF-8, not JSON) or empty file, or a row without a string
+            `instruction` / an `answer`, or with a non-string `input`.
     """
     path = pathlib.Path(data_dir) / name / "test.json"
     try:
-        rows = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
         raise UserError(f"{name}: cannot read {path}: {e}") from None
     if not isinstance(rows, list):
-        raise UserError(f"{path}: expected a JSON array of records")
+        raise UserError(f"{path}: expected a JSON array of records, got {type(rows).__name__}")
+    if not rows:
+        raise UserError(f"{path}: no rows to evaluate ({name})")
     rows = rows[:max_examples] if max_examples is not None else rows
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or "answer" not in row:
             raise UserError(f"{path}: row {i} needs a string 'instruction' and an 'answer'")
+        if not isinstance(row.get("input", ""), str):
+            raise UserError(f"{path}: row {i}: 'input' must be a string, got {type(row['input']).__name__}")
     return rows
 
 
@@ -84,11 +90,11 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer, benchmarks: Sequence[str],
     benches = [get_benchmark(name) for name in benchmarks]  # fail on a typo before any generation
     data_dir = locate(data_dir, repo_type="dataset", allow_patterns=[f"{b.name}/test.json" for b in benches],
                       what="eval.data_dir").path
+    # Every file is read and checked before the first generation: a bad last benchmark fails in seconds.
+    tasks = {bench.name: load_benchmark(data_dir, bench.name, max_examples) for bench in benches}
     accuracy, counts, new_tokens, generations = {}, {}, {}, {}
     for bench in benches:
-        rows = load_benchmark(data_dir, bench.name, max_examples)
-        if not rows:
-            raise UserError(f"{bench.name}: no rows to evaluate")
+        rows = tasks[bench.name]
         new_tokens[bench.name] = DEFAULT_MAX_NEW_TOKENS[bench.family] if max_new_tokens is None else max_new_tokens
         prompts = [eval_prompt(r["instruction"], bench.family, r.get("input", "")) for r in rows]
         prompt_ids = tokenizer.encode_batch(prompts)
@@ -143,7 +149,4 @@ def _json_pred(pred: str | float) -> str | float | None:
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False))

@@ -3,27 +3,38 @@
 `adapter_config.json` holds the reference code's keys plus ours under the single key "perft_jax" (PERFT
 variants), or a pure HF PEFT LoRA config (`qv_lora`; older PEFT versions refuse unknown keys, so our metadata
 then rides in the safetensors header). `read_adapter_config` reads any of them back as a `PerftConfig`.
+
+Our metadata ("perft_jax": `adapter_metadata`) records what a user needs to reload the adapters anywhere: the
+PerftConfig, the base model (architecture, its HF config, and its name or path when the caller knows it), the
+versions of perft-jax, JAX, Flax and transformers that wrote it, and `format_version`. Directories without it (the
+reference code's, PEFT's) or with an older format still load; a newer format is refused.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pathlib
 from typing import Any
 
+import flax
+import jax
 import ml_dtypes  # noqa: F401  # registers numpy's bfloat16, which safe_open(framework="np") needs for BF16 files
 import safetensors
+import transformers
 
-from perft_jax.config_parsing import from_dict
+from perft_jax.config_parsing import from_dict, to_dict
 from perft_jax.errors import UserError
 from perft_jax.io import read_json_object
+from perft_jax.models import ARCHITECTURES
 from perft_jax.models.config import ModelConfig
 from perft_jax.perft.config import PerftConfig
 from perft_jax.perft.variants import VARIANTS
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-FORMAT_VERSION = 1
+# 1: perft, base_model (ModelConfig fields); 2: + base_model.architecture / hf_config / name_or_path, versions.
+FORMAT_VERSION = 2
 # Base-model fields an adapter depends on; a mismatch is refused before any tensor is read.
 BASE_MODEL_KEYS = ("model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                    "num_experts", "num_experts_per_tok")
@@ -37,8 +48,41 @@ _PEFT_UNSUPPORTED = ("use_dora", "use_rslora", "fan_in_fan_out", "layers_to_tran
                      "trainable_token_indices")
 
 
-def base_model_fields(mcfg: ModelConfig) -> dict[str, Any]:
-    return {key: getattr(mcfg, key) for key in (*BASE_MODEL_KEYS, "vocab_size", "norm_topk_prob")}
+def base_model_fields(mcfg: ModelConfig, name_or_path: str | None = None) -> dict[str, Any]:
+    """The base model an adapter was trained on: the checked ModelConfig fields, its HF class and the HF config
+    that rebuilds it (`transformers.AutoConfig.for_model(**hf_config)`), and its name or path when known."""
+    arch = ARCHITECTURES[mcfg.model_type]
+    fields = {key: getattr(mcfg, key) for key in (*BASE_MODEL_KEYS, "vocab_size", "intermediate_size",
+                                                  "norm_topk_prob")}
+    return {**fields, "architecture": arch.hf_class_name, "hf_config": arch.config_to_hf(mcfg),
+            "name_or_path": name_or_path}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # perft-jax run from a checkout it was not installed from
+        return None
+
+
+def adapter_metadata(cfg: PerftConfig, mcfg: ModelConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """Our "perft_jax" metadata of an adapter directory; `extra`'s `base_model_name_or_path` names the base."""
+    versions = {"perft_jax": _version("perft-jax"), "jax": jax.__version__, "flax": flax.__version__,
+                "transformers": transformers.__version__}
+    return {"format_version": FORMAT_VERSION, "perft": to_dict(cfg),
+            "base_model": base_model_fields(mcfg, extra.get("base_model_name_or_path")), "versions": versions,
+            **extra}
+
+
+def _check_format(meta: dict[str, Any], where: pathlib.Path) -> dict[str, Any]:
+    """`meta`, if this perft-jax reads its format (1 to FORMAT_VERSION; directories before format 1 had none)."""
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{where}: perft_jax.format_version: expected a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{where}: perft_jax.format_version {version} is newer than this perft-jax reads (1 to "
+                        f"{FORMAT_VERSION}): upgrade perft-jax")
+    return meta
 
 
 def _number(x: float) -> int | float:
@@ -155,7 +199,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike, overrides: dict[str, Any
     path = pathlib.Path(adapter_dir) / CONFIG_NAME
     raw = read_json_object(path, "adapter config")
     if "perft_jax" in raw:
-        data = raw["perft_jax"].get("perft") if isinstance(raw["perft_jax"], dict) else None
+        data = _check_format(raw["perft_jax"], path).get("perft") if isinstance(raw["perft_jax"], dict) else None
         if not isinstance(data, dict):
             raise UserError(f"{path}: perft_jax.perft: expected a mapping, got {data!r}")
     elif "peft_type" in raw:
@@ -175,7 +219,7 @@ def read_metadata(adapter_dir: pathlib.Path) -> tuple[pathlib.Path, dict[str, An
     config_path = adapter_dir / CONFIG_NAME
     raw = read_json_object(config_path, "adapter config")
     if isinstance(raw.get("perft_jax"), dict):
-        return config_path, raw["perft_jax"]
+        return config_path, _check_format(raw["perft_jax"], config_path)
     weights = adapter_dir / WEIGHTS_NAME
     try:
         with safetensors.safe_open(weights, framework="np") as f:
@@ -186,7 +230,7 @@ def read_metadata(adapter_dir: pathlib.Path) -> tuple[pathlib.Path, dict[str, An
         meta = json.loads(text) if text else None
     except ValueError:
         raise UserError(f"{weights}: header entry perft_jax is not JSON") from None
-    return weights, meta if isinstance(meta, dict) else None
+    return weights, _check_format(meta, weights) if isinstance(meta, dict) else None
 
 
 def check_base_model(meta: dict[str, Any] | None, mcfg: ModelConfig, where: pathlib.Path) -> None:

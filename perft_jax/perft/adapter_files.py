@@ -30,15 +30,14 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from perft_jax.config_parsing import to_dict
 from perft_jax.errors import UserError
 from perft_jax.io import atomic_directory
+from perft_jax.models.config import ModelConfig
 from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.perft.adapter_configs import (
     CONFIG_NAME,
-    FORMAT_VERSION,
     WEIGHTS_NAME,
-    base_model_fields,
+    adapter_metadata,
     check_base_model,
     peft_config,
     read_adapter_config,
@@ -53,8 +52,8 @@ from perft_jax.perft.variants import VARIANTS
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-def _read_tensors(weights: pathlib.Path, entries: list[Entry]) -> dict[tuple, np.ndarray]:
-    """Every entry's tensor, strictly checked, assembled into our layout: {parameter path: array}."""
+def _checked_tensors(weights: pathlib.Path, entries: list[Entry]) -> dict[str, np.ndarray]:
+    """Every entry's tensor by its file name, strictly checked (names, dtypes, shapes), in PyTorch layout."""
     if not weights.is_file():
         raise UserError(f"{weights}: missing adapter weights file")
     expected = {e.name: e for e in entries}
@@ -77,12 +76,38 @@ def _read_tensors(weights: pathlib.Path, entries: list[Entry]) -> dict[tuple, np
                 if tuple(tensor.get_shape()) != e.shape:
                     raise UserError(f"{weights}: tensor {name} has shape {list(tensor.get_shape())}, "
                                     f"expected {list(e.shape)}")
-            tensors = {name: f.get_tensor(name) for name in expected}
+            return {name: f.get_tensor(name) for name in expected}
     except safetensors.SafetensorError as e:
         raise UserError(f"{weights}: unreadable safetensors file ({e})") from None
+
+
+def read_adapter_tensors(adapter_dir: str | os.PathLike, cfg: PerftConfig,
+                         model_cfg: ModelConfig) -> list[tuple[Entry, np.ndarray]]:
+    """The tensors of an adapter directory, checked against the adapters `cfg` attaches to a `model_cfg` base.
+
+    The base model recorded in the metadata must match `model_cfg`; every file tensor must be one of those
+    adapters' (perft/adapter_names.py), with its name, a floating-point dtype and its shape. Nothing else is
+    read. Used by both runtimes: `load_adapters` here and perft_jax.pytorch's loader.
+
+    Returns:
+      (entry, value) per file tensor, the value as stored: PyTorch layout (out, in), the file's dtype.
+    """
+    adapter_dir = pathlib.Path(adapter_dir)
+    meta_source, meta = read_metadata(adapter_dir)
+    check_base_model(meta, model_cfg, meta_source)
+    try:
+        entries = file_entries(abstract_attached(model_cfg, cfg, jnp.float32))
+    except UserError as e:  # e.g. top_k above the base top-k for base_router_rank
+        raise UserError(f"{adapter_dir / CONFIG_NAME}: {e}") from None
+    tensors = _checked_tensors(adapter_dir / WEIGHTS_NAME, entries)
+    return [(e, tensors[e.name]) for e in entries]
+
+
+def _stacked(tensors: list[tuple[Entry, np.ndarray]]) -> dict[tuple, np.ndarray]:
+    """File tensors assembled into our layout: {parameter path: array}, adapter slices stacked, (in, out)."""
     slices: dict[tuple, dict[int | None, np.ndarray]] = {}
-    for name, e in expected.items():
-        slices.setdefault(e.path, {})[e.index] = tensors[name].T
+    for e, value in tensors:
+        slices.setdefault(e.path, {})[e.index] = value.T
     return {path: parts[None] if None in parts else np.stack([parts[j] for j in range(len(parts))])
             for path, parts in slices.items()}
 
@@ -104,18 +129,10 @@ def load_adapters(model: MoeForCausalLM, adapter_dir: str | os.PathLike, overrid
     """
     adapter_dir = pathlib.Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir, overrides)
-    meta_source, meta = read_metadata(adapter_dir)
-    check_base_model(meta, model.config, meta_source)
     carried = has_adapters(model)
     if carried:
         check_matches(model, cfg, str(adapter_dir / CONFIG_NAME))
-        target = model
-    else:
-        try:
-            target = abstract_attached(model.config, cfg, param_dtype)
-        except UserError as e:  # e.g. top_k above the base top-k for base_router_rank
-            raise UserError(f"{adapter_dir / CONFIG_NAME}: {e}") from None
-    arrays = _read_tensors(adapter_dir / WEIGHTS_NAME, file_entries(target))
+    arrays = _stacked(read_adapter_tensors(adapter_dir, cfg, model.config))
     if not carried:
         attach_perft(model, cfg, param_dtype=param_dtype)
     for path, var in adapter_params(model):
@@ -142,15 +159,17 @@ def save_adapters(model: MoeForCausalLM, out_dir: str | os.PathLike, extra_confi
                   *, config: PerftConfig | None = None, overwrite: bool = False) -> pathlib.Path:
     """Write `model`'s adapters (only they train) to `out_dir` as safetensors + adapter_config.json.
 
-    PERFT variants get the reference names and config keys (spec/PERFT.md §6) plus "perft_jax": the full
-    PerftConfig, the base model's description and `extra_config`. `qv_lora` is written in HF PEFT's LoRA
-    format. In a multi-process run, call it from one process only.
+    PERFT variants get the reference names and config keys (spec/PERFT.md §6) plus "perft_jax"
+    (adapter_configs.py `adapter_metadata`): the full PerftConfig, the base model's description (architecture, HF
+    config), the library versions and `extra_config`. `qv_lora` is written in HF PEFT's LoRA format, with that
+    metadata in the safetensors header. In a multi-process run, call it from one process only.
 
     Args:
       model: a model carrying adapters.
       out_dir: the adapter directory, created with its parents.
       extra_config: JSON-serialisable keys stored under "perft_jax" (e.g. training step, data set);
-        `base_model_name_or_path` also goes to the PEFT config.
+        `base_model_name_or_path` (the base checkpoint or hub name trained on) also goes to
+        `base_model.name_or_path` and to the PEFT config.
       config: the PerftConfig to record (e.g. with training-only settings changed); it must describe the
         adapters the model carries. Default: the one they were attached with (`model.perft_config`).
       overwrite: replace an existing `out_dir`, as a whole; refused if it holds anything but adapter files.
@@ -161,11 +180,10 @@ def save_adapters(model: MoeForCausalLM, out_dir: str | os.PathLike, extra_confi
         check_matches(model, config, "save_adapters(config=...)")
         cfg = config
     extra = dict(extra_config or {})
-    reserved = sorted({"format_version", "perft", "base_model"} & set(extra))
+    reserved = sorted({"format_version", "perft", "base_model", "versions"} & set(extra))
     if reserved:
         raise UserError(f"save_adapters: extra_config key {reserved[0]!r} is reserved")
-    meta = {"format_version": FORMAT_VERSION, "perft": to_dict(cfg), "base_model": base_model_fields(model.config),
-            **extra}
+    meta = adapter_metadata(cfg, model.config, extra)
     try:
         meta_text = json.dumps(meta)
     except (TypeError, ValueError) as e:
@@ -187,4 +205,4 @@ def save_adapters(model: MoeForCausalLM, out_dir: str | os.PathLike, extra_confi
     return out
 
 
-__all__ = ["load_adapters", "read_adapter_config", "save_adapters"]
+__all__ = ["load_adapters", "read_adapter_config", "read_adapter_tensors", "save_adapters"]

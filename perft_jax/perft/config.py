@@ -18,7 +18,9 @@ Variant = Literal["none", "perft_s", "perft_d", "perft_r", "perft_e", "qv_lora"]
 @dataclasses.dataclass(frozen=True)
 class PerftConfig:
     """Attributes:
-    variant: the PERFT family member (module docstring).
+    variant: the PERFT family member: `perft_s` (one always-on adapter), `perft_d` (M always-on adapters),
+        `perft_r` (M routed adapters, top-K per token), `perft_e` (one adapter per base expert, weighted by the
+        base router), `qv_lora` (the baseline: LoRA on attention q/v) or `none`.
     adapter: adapter-expert form: `lora` (x -> B A dropout(x) * alpha / r) or `parallel_adapter`
         (x -> W2 act(dropout(W1 x))).
     bottleneck: LoRA rank r, or the parallel adapter's width D_B (the paper's "bottleneck size").
@@ -28,7 +30,7 @@ class PerftConfig:
     num_adapters: M, for `perft_d` and `perft_r` (`perft_s` has 1; `perft_e` one per base expert).
     top_k: K of M adapters per token for `perft_r`; with `router: dynmole` it is the keep-top-k floor.
     router: `perft_r` gating: `topk` (softmax, top-K, renormalised iff the base model renormalises) or
-        `dynmole` (Tsallis-entropy hybrid routing, spec/DYNMOLE.md §8).
+        `dynmole` (DynMoLE's Tsallis-entropy hybrid routing, arXiv 2504.00661; settings under `perft.dynmole`).
     adapter_gate_weights: what weights the routed adapters: `adapter_router` (the paper) or
         `base_router_rank` (the reference OLMoE code: the s-th selected adapter is weighted by the s-th
         largest base routing weight; needs top_k <= the base top-k).

@@ -29,7 +29,8 @@ class DynMoLEConfig:
 
     Attributes:
         top_p: exclusive top-p mass; sorted experts are kept while the cumulative probability is <= top_p.
-        keep_top_k: the keep-top-k floor (k_min); PERFT-R's K maps to it (DYNMOLE.md §8, decision 1).
+        keep_top_k: the keep-top-k floor (k_min); must equal `perft.top_k` (PERFT-R's K maps to it). Spec:
+            DYNMOLE.md §8, decision 1.
         entropy_threshold: broadcast to all M experts when the normalised entropy is strictly greater;
             a value >= 1.0 disables broadcasting (reference commit 2f428d3).
         entropy_index: Tsallis q in (0, 2]; 1.0 is Shannon entropy.
@@ -38,7 +39,7 @@ class DynMoLEConfig:
         router_aux_loss_coef: coefficient alpha of the soft load-balance loss.
         router_loss: when False the combined auxiliary loss is 0 (components are still returned for logging).
         mask_padding_in_entropy_loss: the reference averages the entropy over all rows, padding included
-            (False, faithful); True averages over real tokens only (DYNMOLE.md §8, decision 6).
+            (False, faithful); True averages over real tokens only. Spec: DYNMOLE.md §8, decision 6.
     """
 
     top_p: float = 0.75

@@ -154,7 +154,7 @@ def format_report(report: EfficiencyReport, title: str | None = None) -> str:
             lines.append(f"  {label:<{label_w}}  {percent(value):>10}")
         else:
             lines.append(f"  {label:<{label_w}}  {human(value):>10}  {value:>15,}")
-    lines.append("  (activated efficiency = activated trainable / activated, per token; PERFT.md §5)")
+    lines.append("  (activated efficiency = activated trainable / activated, per token, as in the PERFT paper)")
     note = dynmole_note(r)
     if note:
         lines.append(note)
@@ -176,6 +176,6 @@ def format_comparison(reports: list[EfficiencyReport], title: str | None = None)
 
     lines = [title] if title else []
     lines += [line(header), line(["-" * w for w in widths])] + [line(row) for row in rows]
-    lines.append("(act. eff. = activated trainable / activated parameters per token; PERFT.md §5)")
+    lines.append("(act. eff. = activated trainable / activated parameters per token, as in the PERFT paper)")
     lines += sorted({note for note in map(dynmole_note, reports) if note})
     return "\n".join(lines)

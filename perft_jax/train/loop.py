@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -18,14 +19,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from perft_jax.build import build_model
+from perft_jax.build import build_model, load_base_tokenizer
 from perft_jax.checkpoint.run import RunCheckpointer, preemption_guard
 from perft_jax.config import Config
 from perft_jax.data.batching import BatchIterator, RaggedRows, eval_batches
 from perft_jax.data.dataset import build_training_data
-from perft_jax.data.tokenize import load_tokenizer
 from perft_jax.distributed import any_process, global_batch, initialize
-from perft_jax.errors import UserError
+from perft_jax.errors import UserError, disk_errors
 from perft_jax.labels import IGNORE_INDEX
 from perft_jax.models.decoder import MoeForCausalLM
 from perft_jax.models.moe.experts import describe_backend
@@ -34,10 +34,13 @@ from perft_jax.perft.adapter_files import save_adapters
 from perft_jax.perft.adapters import AdapterParam
 from perft_jax.perft.efficiency import efficiency_report, format_report
 from perft_jax.sharding import LogicalSharding, run_sharding
+from perft_jax.train.keep_best import resumed_best
 from perft_jax.train.metrics import MetricsWriter, draw_router_heatmaps
 from perft_jax.train.optim import make_optimizer
 from perft_jax.train.router_stats import RouterStatsAccumulator, router_stats_scalars
 from perft_jax.train.step import eval_step, train_step
+from perft_jax.train.summary import format_summary, no_best_reason
+from perft_jax.wandb_logger import import_wandb
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,17 +48,20 @@ class TrainingDiverged(RuntimeError):
 
 
 def _save_adapters(model: MoeForCausalLM, out_dir: pathlib.Path, sharding: LogicalSharding | None,
-                   is_writer: bool) -> None:
-    """Process 0 writes the adapter files. Adapters split over the mesh (`mesh.shard_adapters`) are first
-    gathered into a replicated copy by every process (a collective), then put back as they were."""
+                   is_writer: bool, step: int, base: str) -> None:
+    """Process 0 writes the adapter files, recording the step (evaluation logs its results at it) and the base
+    they were trained on (`base_model_name_or_path`: the converted checkpoint, or "" for a random base). Adapters
+    split over the mesh (`mesh.shard_adapters`) are first gathered into a replicated copy by every process (a
+    collective), then put back as they were."""
+    metadata = {"step": step, "base_model_name_or_path": base or None}
     if sharding is None or not sharding.shard_adapters:
         if is_writer:
-            save_adapters(model, out_dir, overwrite=True)
+            save_adapters(model, out_dir, metadata, overwrite=True)
         return
     state = nnx.state(model, AdapterParam)
     nnx.update(model, jax.jit(lambda s: s, out_shardings=sharding.replicated)(state))
     if is_writer:
-        save_adapters(model, out_dir, overwrite=True)
+        save_adapters(model, out_dir, metadata, overwrite=True)
     nnx.update(model, state)
 
 
@@ -113,25 +119,33 @@ def run_training(cfg: Config) -> dict:
 
 
 def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
+    started = time.perf_counter()
+    if cfg.mode != "train":  # config.json records what ran: a training config, reusable as --config
+        raise UserError(f"mode={cfg.mode}: run_training trains; evaluate with perft_jax.eval.pipeline.run_evaluation")
+    if cfg.train.wandb.mode:
+        import_wandb(cfg.train.wandb)  # a missing optional dependency fails before anything is created
     is_writer = jax.process_index() == 0  # only process 0 writes files, logs and progress bars
     run_dir = pathlib.Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_writer:
-        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.output_dir: {str(run_dir)!r} is a file, not a run directory")
+    # Everything bad input can break (the tokenizer and its fit to the base, every data row, the batching, the
+    # base's weights) runs before the run directory exists: a run that fails there leaves nothing behind. The
+    # `datasets` cache is temporary: the tokenised rows are copied into memory.
+    tokenizer = load_base_tokenizer(cfg.model, cfg.data.pad_id)
+    with tempfile.TemporaryDirectory(prefix="perft-datasets-") as cache_dir:
+        data = build_training_data(cfg.data, tokenizer, cache_dir=cache_dir)
+        train_rows = RaggedRows.from_dataset(data.train)
+        val_rows = RaggedRows.from_dataset(data.val) if data.val is not None and len(data.val) else None
+    pad_id = cfg.data.pad_id
+    iterator = BatchIterator(train_rows, cfg.data, pad_id)
     model = build_model(cfg.model, cfg.perft, sharding, expert_dispatch=cfg.mesh.expert_dispatch, seed=cfg.train.seed)
+    with disk_errors(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if is_writer:
+            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
     if is_writer:
         print(format_report(efficiency_report(model.config, cfg.perft)))
         print(f"MoE backend: {describe_backend(model.config, jax.devices()[0].platform)}")
-
-    tokenizer_path = cfg.model.tokenizer or cfg.model.checkpoint
-    if not tokenizer_path:
-        raise UserError("model.tokenizer: needed when the base comes from model.hf_config")
-    tokenizer = load_tokenizer(tokenizer_path)
-    data = build_training_data(cfg.data, tokenizer, cache_dir=str(run_dir / "cache"))
-    pad_id = cfg.data.pad_id
-    train_rows = RaggedRows.from_dataset(data.train)
-    val_rows = RaggedRows.from_dataset(data.val) if data.val is not None and len(data.val) else None
-    iterator = BatchIterator(train_rows, cfg.data, pad_id)
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = max(iterator.steps_per_epoch // accum, 1)
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
@@ -145,11 +159,12 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
         restored = checkpointer.restore(model, optimizer)
         step = restored.step
         iterator.restore(restored.data_state)
-        best = restored.metadata.get("best", best)
+        best = resumed_best(run_dir / "best_adapters", restored.metadata.get("best", best), is_writer)
         if is_writer:
             print(f"resumed from step {step} ({checkpointer.directory})")
 
-    writer = MetricsWriter(run_dir, is_writer=is_writer, tensorboard=cfg.train.tensorboard)
+    writer = MetricsWriter(run_dir, is_writer=is_writer, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
+                           config=json.loads(cfg.to_json()))
     router_stats = RouterStatsAccumulator()
     metadata = lambda: {"config": json.loads(cfg.to_json()), "best": best}  # noqa: E731
     summary = {"total_steps": total_steps, "start_step": step}
@@ -185,7 +200,8 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
                     writer.write(step, {"lm": val_loss}, split="val")
                     if cfg.train.keep_best and (best["val_loss"] is None or val_loss < best["val_loss"]):
                         best = {"val_loss": val_loss, "step": step}
-                        _save_adapters(model, run_dir / "best_adapters", sharding, is_writer)
+                        _save_adapters(model, run_dir / "best_adapters", sharding, is_writer, step,
+                                       cfg.model.checkpoint)
             bar.update(1)
             # Multi-host: a signal that reached any process stops all of them after this same step.
             stop = any_process(guard.should_stop())
@@ -200,10 +216,19 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
                 return summary
     bar.close()
     checkpointer.wait_until_finished()
-    _save_adapters(model, run_dir / "adapters", sharding, is_writer)
+    _save_adapters(model, run_dir / "adapters", sharding, is_writer, step, cfg.model.checkpoint)
     if is_writer and router_stats.count:
         draw_router_heatmaps(router_stats.mean(), run_dir / "router_stats.png")
     writer.close()
+    best_dir = str(run_dir / "best_adapters") if best["step"] else None
+    views = {"tensorboard": str(run_dir / "tensorboard")} if cfg.train.tensorboard else {}
+    if cfg.train.wandb.mode:
+        views["W&B"] = f"{cfg.train.wandb.mode}, project {cfg.train.wandb.project} ({run_dir / 'wandb'})"
     summary.update(step=step, final_loss=loss if step > summary["start_step"] else None, best=best,
-                   adapters=str(run_dir / ("best_adapters" if best["step"] else "adapters")))
+                   adapters=best_dir or str(run_dir / "adapters"), best_adapters=best_dir,
+                   last_adapters=str(run_dir / "adapters"), no_best_reason=None if best_dir else
+                   no_best_reason(cfg, val_rows is not None), metrics=str(run_dir / "metrics.jsonl"), views=views,
+                   wall_time_s=time.perf_counter() - started)
+    if is_writer:
+        print(format_summary(summary))
     return summary

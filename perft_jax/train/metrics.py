@@ -1,8 +1,10 @@
-"""Run logs: metrics to JSONL and TensorBoard, and the end-of-run router heatmap PNG.
+"""Run logs: metrics to JSONL, TensorBoard and (optionally) Weights & Biases, and the router heatmap PNG.
 
 `metrics.jsonl` is the record of a run: one JSON object per `write` call, flushed line by line so a crash
 or preemption loses nothing and `tail -f` / pandas can read it while the run goes on. TensorBoard
-(tensorboardX, no TensorFlow needed) is a convenience view of the same scalars. Only one process writes
+(tensorboardX, no TensorFlow needed) and W&B (`train.wandb`, perft_jax/wandb_logger.py) are views of the same
+scalars, tagged `<split>/<name>`: `train/lm`, `val/lm` (validation loss), `eval/accuracy/<benchmark>` and
+`eval/macro_average` (benchmark accuracies, written by the evaluation at the adapters' step). Only one process writes
 (`is_writer`, process 0 on multi-host); the others get a writer that does nothing, so call sites need
 no `if process_index == 0`.
 
@@ -21,6 +23,9 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from perft_jax.io import atomic_file
+from perft_jax.wandb_logger import WandbConfig, WandbRun
 
 RESERVED_KEYS = ("step", "split", "time")
 ANNOTATE_MAX_COLS = 16  # annotate heatmap cells with their value only while the text still fits
@@ -51,12 +56,15 @@ class MetricsWriter:
         run_dir: the run's output folder (created if missing).
         is_writer: False on every process but one; such a writer creates no file and ignores all calls.
         tensorboard: also write TensorBoard events (needs tensorboardX).
+        wandb: also log the scalars to Weights & Biases when its `mode` is set (needs wandb).
+        config: the resolved run config, recorded with the W&B run.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, is_writer: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, is_writer: bool = True, tensorboard: bool = True,
+                 wandb: WandbConfig | None = None, config: dict[str, Any] | None = None):
         self.run_dir = pathlib.Path(run_dir)
         self.is_writer = is_writer
-        self._jsonl = self._arrays = self._tb = None
+        self._jsonl = self._arrays = self._tb = self._wandb = None
         if not is_writer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +77,8 @@ class MetricsWriter:
                 raise ImportError("MetricsWriter(tensorboard=True) needs tensorboardX: pip install tensorboardX, "
                                   "or pass tensorboard=False") from e
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb is not None and wandb.mode:
+            self._wandb = WandbRun(wandb, self.run_dir, config)
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
         """Logs one step: 0-d values as scalars (JSONL line + TensorBoard), larger arrays to their summaries.
@@ -103,6 +113,8 @@ class MetricsWriter:
                 finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value.astype(np.float64)
                 if finite.size:
                     self._tb.add_histogram(f"{split}/{key}", finite.ravel(), step)
+        if self._wandb is not None:
+            self._wandb.log(step, scalars, split)
 
     def flush(self) -> None:
         """Pushes TensorBoard events to disk (JSONL lines are already flushed on write)."""
@@ -116,7 +128,9 @@ class MetricsWriter:
                 f.close()
         if self._tb is not None:
             self._tb.close()
-        self._jsonl = self._arrays = self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl = self._arrays = self._tb = self._wandb = None
         self.is_writer = False
 
     def __enter__(self) -> "MetricsWriter":
@@ -197,13 +211,8 @@ def draw_router_heatmaps(stats_mean: dict[str, Any], path_png: str | os.PathLike
         fig.suptitle(title)
 
     path = pathlib.Path(path_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Readers of the run logs tests check: TensorBoard event files and W&B offline run files, back to plain values.
+"""Readers of the run logs tests check: TensorBoard event files and W&B offline run files, back to plain values;
+and `offline_wandb`, the environment every test that logs to W&B runs under.
 
 Neither tensorboardX nor wandb (0.31) ships a reader, so these parse the two record formats directly: TFRecord
 (TensorBoard: length, CRC, payload, CRC) of `Event` protos, and W&B's transaction log (LevelDB's log format
@@ -6,11 +7,15 @@ after a 7-byte `:W&B` header: 32 KiB blocks of chunks with a 7-byte header) of `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import struct
+import sys
 import time
 from collections import defaultdict
+
+import pytest
 
 W_AND_B_HEADER = 7  # ":W&B", magic 0xBEE1, version
 BLOCK = 32768
@@ -78,3 +83,21 @@ def wandb_history(wandb_dir: str | pathlib.Path, timeout: float = 60.0) -> list[
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+@contextlib.contextmanager
+def offline_wandb(wandb_dir: str | pathlib.Path):
+    """W&B forced offline and silent, its settings under `wandb_dir`; on exit the W&B service is shut down.
+
+    `wandb.init` starts a service process and two threads in this process that outlive `run.finish()`; left
+    running beside the rest of the suite's JAX work they once ended CI in a segmentation fault.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")  # belt and braces: no test may reach a server
+        patch.setenv("WANDB_DIR", str(wandb_dir))
+        patch.setenv("WANDB_SILENT", "true")
+        try:
+            yield
+        finally:
+            if sys.modules.get("wandb") is not None:
+                sys.modules["wandb"].teardown()

@@ -13,7 +13,7 @@ import pytest
 from perft_jax import cli, demo
 from perft_jax.errors import UserError
 from perft_jax.train.loop import run_training
-from tests.log_readers import tensorboard_scalars, wandb_history
+from tests.log_readers import offline_wandb, tensorboard_scalars, wandb_history
 
 STEPS, EXAMPLES = 6, 32
 SHORT = ["train.max_steps=6", "train.eval_every_steps=3", "data.val_set_size=16", f"eval.max_examples={EXAMPLES}",
@@ -31,10 +31,7 @@ def _run(main, argv: list[str]) -> tuple[int, str, str]:
 def trained(tmp_path_factory):
     """(run dir, stdout) of the demo trained for 6 steps, logging to TensorBoard and W&B offline."""
     root = tmp_path_factory.mktemp("demo")
-    wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb_dir"), "WANDB_SILENT": "true"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in wandb_env.items():
-            patch.setenv(key, value)
+    with offline_wandb(root / "wandb_dir"):
         code, out, err = _run(cli.train_main, [f"train.output_dir={root / 'run'}", *SHORT, "train.wandb.mode=offline",
                                                "train.wandb.project=perft-jax-tests"])
     assert code == 0, err[-3000:]

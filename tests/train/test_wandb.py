@@ -11,16 +11,15 @@ import pytest
 from perft_jax.errors import UserError
 from perft_jax.train.metrics import MetricsWriter
 from perft_jax.wandb_logger import RUN_ID_FILE, WandbConfig
-from tests.log_readers import wandb_history
+from tests.log_readers import offline_wandb, wandb_history
 
 OFFLINE = WandbConfig(mode="offline", project="perft-jax-tests", tags=("test",))
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "offline")  # belt and braces: no test may reach a server
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def _offline(tmp_path):
+    with offline_wandb(tmp_path / "wandb_dir"):
+        yield
 
 
 def _rows(run_dir, split):

@@ -5,6 +5,7 @@ Numerics: float32 matmuls run at full precision so parity tolerances mean what t
 """
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 
@@ -23,6 +24,16 @@ SHARED_DIR = pathlib.Path(os.environ.get("PERFT_SHARED_DIR", REPO_ROOT.parent / 
 
 def _require_shared() -> bool:
     return os.environ.get("PERFT_REQUIRE_SHARED", "") not in ("", "0", "false")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each test module, drop JAX's compiled programs. Each one kept alive holds a few memory maps of JIT
+    code; a thousand tests in one process reached Linux's 65530-map limit (`vm.max_map_count`), and the next
+    compilation died in a segmentation fault inside XLA."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -215,13 +215,14 @@ def a2a_checks() -> dict:
     return {"example": np.asarray(example).ravel().tolist(), "cpu_error": refused, "lowered": lowered}
 
 
-def main(ckpt: str, out: str, group: str = "meshes") -> None:
-    """`group` "meshes": the issue's four meshes, gspmd and the ragged all-to-all checks; "cases": `CASES`."""
+def main(ckpt: str, out: str, group: str = "all") -> None:
+    """`group` "meshes": the issue's four meshes, gspmd and the ragged all-to-all checks; "cases": `CASES`;
+    "all" (what the tests run: one process, one single-device reference): both."""
     assert jax.device_count() == 8, jax.devices()
     ref = run(ckpt)
     report = {"reference": {"loss": ref["loss"], "grad_norm": ref["grad_norm"]}, "meshes": {}, "cases": {}}
     timings = {}
-    if group == "meshes":
+    if group in ("meshes", "all"):
         for shape, backend in MESHES.items():
             start = time.perf_counter()
             mesh = build_mesh(MeshConfig(*shape))
@@ -231,7 +232,7 @@ def main(ckpt: str, out: str, group: str = "meshes") -> None:
         report["gspmd"] = compare(run(ckpt, build_mesh(MeshConfig(2, 2, 2, 1)), dispatch="gspmd"), ref)
         timings["gspmd"] = time.perf_counter() - start
         report["a2a_checks"] = a2a_checks()
-    else:
+    if group in ("cases", "all"):
         refs = {"perft_r": ref}
         for name, (shape, backend, dispatch, variant, shard_adapters) in CASES.items():
             start = time.perf_counter()

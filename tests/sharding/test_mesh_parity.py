@@ -39,25 +39,21 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
     return root / "ckpt"
 
 
-def _run_worker(checkpoint: pathlib.Path, group: str) -> dict:
-    out = checkpoint.parent / f"report_{group}.json"
+@pytest.fixture(scope="module")
+def report(checkpoint) -> dict:
+    """The issue's four meshes and gspmd, and under "cases" the rest: one worker process, one reference."""
+    out = checkpoint.parent / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(checkpoint), str(out), group], env=env,
-                          capture_output=True, text=True, timeout=1800)  # about 5 min on an idle 2-core machine
+    proc = subprocess.run([sys.executable, str(WORKER), str(checkpoint), str(out), "all"], env=env,
+                          capture_output=True, text=True, timeout=1800)  # about 3 min on an idle 2-core machine
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def report(checkpoint) -> dict:
-    """The issue's four meshes and gspmd."""
-    return _run_worker(checkpoint, "meshes")
-
-
-@pytest.fixture(scope="module")
-def cases(checkpoint) -> dict:
+def cases(report) -> dict:
     """`tensor` > 1, ragged all-to-all, sharded adapters."""
-    return _run_worker(checkpoint, "cases")["cases"]
+    return report["cases"]
 
 
 @pytest.mark.parametrize("mesh", MESHES)

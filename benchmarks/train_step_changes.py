@@ -10,7 +10,11 @@ between processes; within one interleaved run they are comparable). Variants are
    einsum, LM loss over sliced logits;
 1. + grouped matmul as a loop over the blocks in use (perft_jax/models/moe/grouped.py);
 2. + attention as heads-major batched matmuls (perft_jax/models/layers.py);
-3. + LM loss shifting the labels instead of slicing the logits (perft_jax/perft/losses.py): the current code.
+3. + LM loss shifting the labels instead of slicing the logits (perft_jax/perft/losses.py);
+4. + `blocked` attention on CPU: causal block skipping, late softmax normalisation, hand-written backward
+   (perft_jax/models/attention.py);
+5. + the grouped loops over groups, then blocks: one weight slice per group, not per block (grouped.py): the
+   current code.
 
 Model: bench-small, float32, `grouped` MoE backend, PERFT-R M=4 K=2 parallel adapter (benchmarks/train_step.py).
 All variants must give the same first-step loss before they are timed.
@@ -27,13 +31,14 @@ import optax
 
 from benchmarks.common import markdown_table, time_interleaved
 from benchmarks.train_step import BENCHES, PERFT, JaxSide, jax_model, model_config, token_batch
-from perft_jax.models import layers
+from perft_jax.models import attention, layers
 from perft_jax.models.moe import grouped
 from perft_jax.perft import losses
 
 
 def _gathered_matmul(blocks, weights, layout):
-    group = jnp.minimum(layout.block_group, weights.shape[0] - 1)
+    block_group = jnp.searchsorted(layout.group_end_block, jnp.arange(blocks.shape[0]), side="right")
+    group = jnp.minimum(block_group, weights.shape[0] - 1)
     return jnp.einsum("nbd,ndf->nbf", blocks, weights[group])
 
 
@@ -56,18 +61,57 @@ def _sliced_lm_loss(logits, labels):
     return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(count, 1), count
 
 
-# The form each change replaced, in change order: variant i runs with forms i.. patched back.
+def _block_loop(blocks, weights, block_group, used, transpose):
+    """Change 5's earlier form: one loop over the used blocks, each slicing its group's matrix."""
+    width = weights.shape[1] if transpose else weights.shape[2]
+
+    def body(i, carry):
+        out, weights = carry
+        weights = jax.lax.optimization_barrier(weights)
+        product = grouped._contract(blocks[i], weights[block_group[i]], 1, 1 if transpose else 0)
+        return jax.lax.dynamic_update_index_in_dim(out, product.astype(out.dtype), i, 0), weights
+
+    return jax.lax.fori_loop(0, used, body, (jnp.zeros(blocks.shape[:2] + (width,), blocks.dtype), weights))[0]
+
+
+@jax.custom_vjp
+def _block_loop_matmul(blocks, weights, block_group, used):
+    return _block_loop(blocks, weights, block_group, used, transpose=False)
+
+
+def _block_loop_fwd(blocks, weights, block_group, used):
+    return _block_loop_matmul(blocks, weights, block_group, used), (weights, block_group, used)
+
+
+def _block_loop_bwd(residuals, grad):  # dx only: the benchmark's base experts are frozen
+    weights, block_group, used = residuals
+    return _block_loop(grad, weights, block_group, used, transpose=True), jnp.zeros_like(weights), None, None
+
+
+_block_loop_matmul.defvjp(_block_loop_fwd, _block_loop_bwd)
+
+
+def _per_block_matmul(blocks, weights, layout):
+    block_group = jnp.searchsorted(layout.group_end_block, jnp.arange(blocks.shape[0]), side="right")
+    used = layout.group_end_block[weights.shape[0] - 1]
+    return _block_loop_matmul(blocks, weights, jnp.minimum(block_group, weights.shape[0] - 1), used)
+
+
+# The form each change replaced, in change order: variant i runs with forms i.. patched back (where two changes
+# replaced the same function, the earlier change's form wins).
 EARLIER_FORMS = [(grouped, "grouped_matmul", _gathered_matmul), (layers.Attention, "_attend", _einsum_attend),
-                 (losses, "lm_loss", _sliced_lm_loss)]
+                 (losses, "lm_loss", _sliced_lm_loss), (attention, "AUTO", {**attention.AUTO, "cpu": "xla"}),
+                 (grouped, "grouped_matmul", _per_block_matmul)]
 VARIANTS = ["0 before (gathered block weights, 5-D einsum attention, sliced logits)", "1 + grouped matmul loop",
-            "2 + heads-major attention", "3 + labels shifted, not logits (current)"]
+            "2 + heads-major attention", "3 + labels shifted, not logits", "4 + blocked attention",
+            "5 + group-then-block loops (current)"]
 
 
 @contextlib.contextmanager
 def earlier_forms(applied: int):
-    """Patch back the forms replaced by changes applied+1 .. 3 while the step is traced."""
+    """Patch back the forms replaced by changes applied+1 .. 5 while the step is traced."""
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in EARLIER_FORMS]
-    for owner, name, old in EARLIER_FORMS[applied:]:
+    for owner, name, old in reversed(EARLIER_FORMS[applied:]):
         setattr(owner, name, old)
     try:
         yield

@@ -2,8 +2,9 @@
 
 Every implementation that runs on CPU is checked forward and backward (w.r.t. q, k, v) with the model's masks:
 left padding (fully masked query rows), GQA, Mixtral's sliding window and the KV cache's T queries over S
-slots. splash runs in Pallas interpret mode. cuDNN needs a GPU to run; its lowering, splash's and `auto`'s
-are checked for cuda and tpu with `jax.export`, which needs neither device.
+slots; `blocked` also with several query blocks, the last one ragged. splash runs in Pallas interpret mode.
+cuDNN needs a GPU to run; its lowering, splash's and `auto`'s are checked for cuda and tpu with `jax.export`,
+which needs neither device.
 """
 from __future__ import annotations
 
@@ -119,6 +120,42 @@ def test_xla_kv_cache(dtype, t, start, window):
     check(attention.xla_attention, q, k, v, mask, MaskForm(causal=False, sliding_window=window), ct)
 
 
+# --- blocked (the CPU path: causal block skipping) ---
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kv", [4, 1])
+@pytest.mark.parametrize("t,window", [(16, None), (150, None), (150, 40), (2 * attention.BLOCK_ROWS, 70), (300, 200)])
+def test_blocked_self_attention(dtype, kv, t, window):
+    """One block (16), two or three with a ragged last one (150 = 128 + 22, 300 = 128 + 128 + 44), windows shorter
+    (40, 70) and longer (200) than a block: real query rows as the reference; fully masked padding rows finite
+    (uniform over their block's keys)."""
+    q, k, v, ct = inputs(dtype, t=t, kv=kv)
+    am = left_padded(2, t, 37 if t > 16 else 5)
+    mask = causal_mask(am, 2, t, window)
+    check(attention.blocked_attention, q, k, v, mask, MaskForm(causal=True, sliding_window=window), ct, rows=am)
+
+
+@pytest.mark.parametrize("t,start", [(1, 9), (3, 6)])
+def test_blocked_kv_cache(t, start):
+    """The KV cache's form runs as one block: every row as the reference, fully masked ones included."""
+    q, k, v, ct = inputs(jnp.float32, t=t, s=16, kv=2)
+    key_mask = (jnp.arange(16)[None] < start + t) & (jnp.arange(16)[None] >= jnp.array([[0], [3]]))
+    check(attention.blocked_attention, q, k, v, cached_causal_mask(key_mask, jnp.int32(start), t, 4),
+          MaskForm(causal=False, sliding_window=4), ct)
+
+
+def test_blocked_skips_the_scores_the_causal_mask_hides():
+    """At T = 4 blocks only the blocks' key prefixes are scored: 10 of 16 [block x block] tiles, forward (QK^T and
+    PV), so at least 30 % of the full square's score FLOPs are skipped."""
+    t = 4 * attention.BLOCK_ROWS
+    q, k, v, _ = inputs(jnp.float32, b=1, t=t, heads=1, kv=1, hd=8)
+    mask, form = causal_mask(None, 1, t, None), MaskForm(causal=True)
+    flops = {name: jax.jit(lambda q, k, v, f=f: f(q, k, v, mask, form)).lower(q, k, v).compile().cost_analysis()
+             ["flops"] for name, f in (("blocked", attention.blocked_attention), ("xla", attention.xla_attention))}
+    matmuls = 2 * 2 * t * t * 8  # QK^T and PV over the full square
+    assert flops["blocked"] < flops["xla"] - 0.3 * matmuls, flops
+
+
 def test_xla_is_jax_dot_product_attention_to_an_ulp():
     """jax.nn.dot_product_attention(implementation="xla") computes the same to float32 rounding (it was not
     taken as the `xla` path only because it is slower on CPU; models/attention.py)."""
@@ -146,13 +183,13 @@ def test_splash_interpret(dtype, kv, window):
 
 # --- auto, and the forms a kernel refuses ---
 
-def test_auto_on_cpu_is_xla():
-    """On CPU `auto` lowers the xla branch: the same numbers, bit for bit, also for a call splash could take."""
+def test_auto_on_cpu_is_blocked():
+    """On CPU `auto` lowers the blocked branch: the same numbers, bit for bit, also for a call splash could take."""
     for t, hd in ((16, 16), (128, 128)):  # the second traces splash and cuDNN branches too (not lowered)
         q, k, v, ct = inputs(jnp.float32, t=t, hd=hd)
         mask = causal_mask(left_padded(2, t, 5), 2, t, None)
         form = MaskForm(causal=True)
-        got, want = run(IMPLEMENTATIONS["auto"], q, k, v, mask, form, ct), run(attention.xla_attention, q, k, v,
+        got, want = run(IMPLEMENTATIONS["auto"], q, k, v, mask, form, ct), run(attention.blocked_attention, q, k, v,
                                                                                 mask, form, ct)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -169,16 +206,17 @@ def test_auto_on_cpu_is_xla():
     ("cudnn", 15, 128, jnp.bfloat16, True, "even sequence length"),
     ("cudnn", 128, 128, jnp.bfloat16, False, "KV-cache"),
 ])
+@pytest.mark.usefixtures("cudnn_version")
 def test_kernels_refuse_forms_they_cannot_run(name, t, hd, dtype, causal, reason):
-    """A kernel asked for by name raises; `auto` takes xla for that call (numbers equal to xla's)."""
+    """A kernel asked for by name raises; `auto` lowers xla for that call on the kernel's platform."""
     q, k, v, _ = inputs(dtype, t=t, hd=hd)
     mask = causal_mask(None, 2, t, None)
     form = MaskForm(causal=causal)
     assert reason in attention.why_not(name, q, k, form)
     with pytest.raises(UserError, match=re.escape(reason)):
         attend(name, q, k, v, mask, form)
-    auto, xla = (jax.jit(lambda q, k, v, name=name: attend(name, q, k, v, mask, form)) for name in ("auto", "xla"))
-    np.testing.assert_array_equal(np.asarray(auto(q, k, v)), np.asarray(xla(q, k, v)))
+    platform = {"cudnn": "cuda", "splash": "tpu"}[name]
+    assert KERNEL_MARK[platform] not in lowered(lambda q, k, v: attend("auto", q, k, v, mask, form), platform, q, k, v)
 
 
 def test_splash_only_on_one_device():
@@ -246,7 +284,7 @@ def test_model_forward_lowers_the_kernel(platform):
 
 def test_one_list_of_implementations():
     """The table is the list: the model config's and the run config's choices are its keys."""
-    assert ATTENTION_IMPLS == tuple(IMPLEMENTATIONS) == ("auto", "xla", "cudnn", "splash")
+    assert ATTENTION_IMPLS == tuple(IMPLEMENTATIONS) == ("auto", "xla", "blocked", "cudnn", "splash")
     hint = typing.get_type_hints(ModelSection)["attention_impl"]
     assert set(typing.get_args(typing.get_args(hint)[0])) == set(IMPLEMENTATIONS)
     assert set(attention.AUTO.values()) <= set(IMPLEMENTATIONS)

@@ -40,13 +40,12 @@ class BlockLayout:
     """Where each pair sits in the padded, group-sorted row order.
 
     pair_row [n]: the padded row of pair i; row_pair [NB*b]: the pair feeding each padded row, n if padding;
-    block_group [NB]: each block's group; group_end_block [G]: one past each group's last block, so
-    blocks [0, group_end_block[g]) hold the pairs of groups 0..g and the blocks after the last are empty.
+    group_end_block [G]: one past each group's last block, so blocks [0, group_end_block[g]) hold the pairs of
+    groups 0..g and the blocks after the last are empty.
     """
 
     pair_row: jax.Array
     row_pair: jax.Array
-    block_group: jax.Array
     group_end_block: jax.Array
     block: int = flax.struct.field(pytree_node=False)
 
@@ -71,10 +70,8 @@ def block_layout(group_ids: jax.Array, num_groups: int, block: int | None = None
     padded = (block_end - blocks_per_group)[sorted_groups] * block + rank
     pair_row = jnp.zeros(n, jnp.int32).at[order].set(padded.astype(jnp.int32))
     row_pair = jnp.full(num_blocks * block, n, jnp.int32).at[padded].set(order.astype(jnp.int32))
-    # Blocks past the last group's end hold only padding; give them any valid group.
-    block_group = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"), num_groups - 1)
-    return BlockLayout(pair_row=pair_row, row_pair=row_pair, block_group=block_group.astype(jnp.int32),
-                       group_end_block=block_end.astype(jnp.int32), block=block)
+    return BlockLayout(pair_row=pair_row, row_pair=row_pair, group_end_block=block_end.astype(jnp.int32),
+                       block=block)
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -151,8 +148,17 @@ def _contract(a, b, a_dim: int, b_dim: int):
     return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _block_products(blocks, weights, block_group, used, transpose: bool):
-    """out[i] = blocks[i] @ W[block_group[i]] (W^T with `transpose`) for blocks i < used; zeros after.
+def _group_spans(group_end_block):
+    """(first, end) block of each group [G]: the blocks of group g are [first[g], end[g]) (sorted order)."""
+    return jnp.concatenate([jnp.zeros(1, group_end_block.dtype), group_end_block[:-1]]), group_end_block
+
+
+def _block_products(blocks, weights, group_end_block, transpose: bool):
+    """out[i] = blocks[i] @ W[g] (W^T with `transpose`) for each block i of each group g < G; zeros after.
+
+    A loop over the groups, each reading its matrix once, around a loop over that group's blocks: slicing one
+    [D, F] matrix out of the stack is a copy on CPU, so slicing it per group rather than per block did the same
+    work in 7-12 % less time (one bench-small MoE layer, forward + backward, float32).
 
     The weights travel through the loop behind an optimization barrier. XLA:CPU computes a bfloat16
     dynamic-slice in float32 (it converts the operand first), and since the weights are loop-invariant it
@@ -162,45 +168,52 @@ def _block_products(blocks, weights, block_group, used, transpose: bool):
     reads; the loop also ran 3.3x faster (0.22 s against 0.72 s for 64 matrices of 2048 x 2048, bf16).
     """
     width = weights.shape[1] if transpose else weights.shape[2]
+    first, end = _group_spans(group_end_block)
 
-    def body(i, carry):
+    def group(g, carry):
         out, weights = carry
         weights = jax.lax.optimization_barrier(weights)
-        product = _contract(blocks[i], weights[block_group[i]], 1, 1 if transpose else 0)
-        return jax.lax.dynamic_update_index_in_dim(out, product.astype(out.dtype), i, 0), weights
+        matrix = weights[g]
 
-    out = _zeros_varying_like(blocks.shape[:2] + (width,), blocks.dtype, blocks, weights, block_group)
-    return jax.lax.fori_loop(0, used, body, (out, weights))[0]
+        def block(i, out):
+            product = _contract(blocks[i], matrix, 1, 1 if transpose else 0)
+            return jax.lax.dynamic_update_index_in_dim(out, product.astype(out.dtype), i, 0)
+
+        return jax.lax.fori_loop(first[g], end[g], block, out), weights
+
+    out = _zeros_varying_like(blocks.shape[:2] + (width,), blocks.dtype, blocks, weights, group_end_block)
+    return jax.lax.fori_loop(0, weights.shape[0], group, (out, weights))[0]
 
 
-def _weight_gradient(blocks, grads, block_group, used, shape, dtype):
-    """dW[g] = sum over used blocks i of group g: blocks[i]^T @ grads[i], accumulated in float32."""
+def _weight_gradient(blocks, grads, group_end_block, shape, dtype):
+    """dW[g] = sum over the blocks i of group g: blocks[i]^T @ grads[i], accumulated in float32 per group."""
+    first, end = _group_spans(group_end_block)
 
-    def body(i, dw):
-        g = block_group[i]
-        product = _contract(blocks[i], grads[i], 0, 0)
-        return jax.lax.dynamic_update_index_in_dim(dw, dw[g] + product, g, 0)
+    def group(g, dw):
+        zeros = _zeros_varying_like(shape[1:], jnp.float32, blocks, grads, group_end_block)
+        total = jax.lax.fori_loop(first[g], end[g], lambda i, acc: acc + _contract(blocks[i], grads[i], 0, 0), zeros)
+        return jax.lax.dynamic_update_index_in_dim(dw, total, g, 0)
 
-    dw = jax.lax.fori_loop(0, used, body, _zeros_varying_like(shape, jnp.float32, blocks, grads, block_group))
+    dw = jax.lax.fori_loop(0, shape[0], group, _zeros_varying_like(shape, jnp.float32, blocks, grads, group_end_block))
     return dw.astype(dtype)
 
 
-# Differentiated by hand: the loop's trip count is data-dependent, which reverse mode cannot go through.
+# Differentiated by hand: the loops' trip counts are data-dependent, which reverse mode cannot go through.
 # dx and dW are separate loops, so that the dW loop is dead code when the weights are frozen (the base): JAX
 # drops it before lowering. (Not symbolic zeros: see layers.matmul for why.)
 @jax.custom_vjp
-def _grouped_matmul(blocks, weights, block_group, used):
-    return _block_products(blocks, weights, block_group, used, transpose=False)
+def _grouped_matmul(blocks, weights, group_end_block):
+    return _block_products(blocks, weights, group_end_block, transpose=False)
 
 
-def _grouped_matmul_fwd(blocks, weights, block_group, used):
-    return _grouped_matmul(blocks, weights, block_group, used), (blocks, weights, block_group, used)
+def _grouped_matmul_fwd(blocks, weights, group_end_block):
+    return _grouped_matmul(blocks, weights, group_end_block), (blocks, weights, group_end_block)
 
 
 def _grouped_matmul_bwd(residuals, grad):
-    blocks, weights, block_group, used = residuals
-    dx = _block_products(grad, weights, block_group, used, transpose=True)
-    return dx, _weight_gradient(blocks, grad, block_group, used, weights.shape, weights.dtype), None, None
+    blocks, weights, group_end_block = residuals
+    dx = _block_products(grad, weights, group_end_block, transpose=True)
+    return dx, _weight_gradient(blocks, grad, group_end_block, weights.shape, weights.dtype), None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
@@ -212,9 +225,7 @@ def grouped_matmul(blocks: jax.Array, weights: jax.Array, layout: BlockLayout) -
     Only blocks of groups < G run; the rest (the empty blocks at the end, and the blocks of a caller's
     "nowhere" group G, whose rows it weights by zero) come out as zeros.
     """
-    num_weights = weights.shape[0]
-    used = layout.group_end_block[min(num_weights, layout.group_end_block.shape[0]) - 1]
-    return _grouped_matmul(blocks, weights, layout.block_group, used)
+    return _grouped_matmul(blocks, weights, layout.group_end_block[:weights.shape[0]])
 
 
 def grouped_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax.Array, second: jax.Array,

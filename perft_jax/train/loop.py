@@ -168,13 +168,20 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
     router_stats = RouterStatsAccumulator()
     metadata = lambda: {"config": json.loads(cfg.to_json()), "best": best}  # noqa: E731
     summary = {"total_steps": total_steps, "start_step": step}
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
-               disable=not (cfg.train.progress_bar and is_writer))
+    bar = None  # made after this process's first step, so that its rate and ETA leave the compile out
     window_tokens, window_start = 0, time.perf_counter()
     with preemption_guard() as guard:
         while step < total_steps:
             batch = _next_batch(iterator, accum, sharding)
+            step_start = time.perf_counter()
             metrics = train_step(model, optimizer, batch, model.config, cfg.perft)
+            if bar is None:
+                jax.block_until_ready(metrics)
+                if is_writer:
+                    print(f"step {step + 1}: {time.perf_counter() - step_start:.1f} s, compiling the train step "
+                          "included (once per run; the steps after it reuse it)", flush=True)
+                bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+                           disable=not (cfg.train.progress_bar and is_writer))
             router_stats.update(jax.device_get(metrics.pop("router")))
             loss = float(metrics["total"])
             if not math.isfinite(loss):
@@ -214,7 +221,8 @@ def _run_training(cfg: Config, sharding: LogicalSharding | None) -> dict:
                 bar.close()
                 writer.close()
                 return summary
-    bar.close()
+    if bar is not None:
+        bar.close()
     checkpointer.wait_until_finished()
     _save_adapters(model, run_dir / "adapters", sharding, is_writer, step, cfg.model.checkpoint)
     if is_writer and router_stats.count:

@@ -89,8 +89,9 @@ def wandb_history(wandb_dir: str | pathlib.Path, timeout: float = 60.0) -> list[
 def offline_wandb(wandb_dir: str | pathlib.Path):
     """W&B forced offline and silent, its settings under `wandb_dir`; on exit the W&B service is shut down.
 
-    `wandb.init` starts a service process and two threads in this process that outlive `run.finish()`; left
-    running beside the rest of the suite's JAX work they once ended CI in a segmentation fault.
+    `wandb.init` starts a service process and two threads in this process that outlive `run.finish()`; the
+    rest of the suite need not run beside them. (They were first suspected of a CI segmentation fault, which
+    turned out to be the memory-map limit: tests/conftest.py `_free_compiled_programs`.)
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")  # belt and braces: no test may reach a server

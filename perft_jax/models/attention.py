@@ -10,13 +10,12 @@ Every entry has one signature, `fn(q [B, T, H, hd], k/v [B, S, KV, hd], mask [B,
   einsum over the query groups), so it is not used here.
 - `blocked`: the CPU path, in plain XLA. Under the causal form the queries go in blocks of `BLOCK_ROWS`, each
   over the keys it can see (a prefix, shortened from the left by a sliding window), so the scores the causal
-  mask throws away are mostly never computed (n blocks compute (n + 1) / 2n of the T x T scores). Each block's
-  softmax is normalised after the PV product (a [t, hd] division instead of a pass over [t, S]) and
-  differentiated by hand (`_block_attention`: only the probabilities are kept, the backward is the four-matmul
-  flash form). Any other
-  mask (the KV cache's) runs as one block. Equal to `xla` to float32 rounding at every query row that sees a
-  key; a fully masked (padding) row gets uniform weights over its block's keys instead of all S (finite; as
-  the kernels, see below).
+  mask throws away are mostly never computed (n blocks compute (n + 1) / 2n of the T x T scores). A forward
+  alone (evaluation, decoding) normalises each block's softmax after the PV product (a [t, hd] division instead
+  of a pass over [t, S]); under differentiation the hand-written VJP (`_block_attention`) keeps only the
+  probabilities, and its backward is the four-matmul flash form. Any other mask (the KV cache's) runs as one
+  block. Equal to `xla` to float32 rounding at every query row that sees a key; a fully masked (padding) row
+  gets uniform weights over its block's keys instead of all S (finite; as the kernels, see below).
 - `cudnn`: `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN's fused flash attention (GPU).
 - `splash`: JAX's Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`). Chosen over
   the older Pallas `flash_attention` because it takes GQA directly (K/V with fewer heads, no repeat), encodes

@@ -215,32 +215,30 @@ def a2a_checks() -> dict:
     return {"example": np.asarray(example).ravel().tolist(), "cpu_error": refused, "lowered": lowered}
 
 
-def main(ckpt: str, out: str, group: str = "all") -> None:
-    """`group` "meshes": the issue's four meshes, gspmd and the ragged all-to-all checks; "cases": `CASES`;
-    "all" (what the tests run: one process, one single-device reference): both."""
+def main(ckpt: str, out: str) -> None:
+    """The issue's four meshes, gspmd and the ragged all-to-all checks, then `CASES`: one process, one
+    single-device reference."""
     assert jax.device_count() == 8, jax.devices()
     ref = run(ckpt)
     report = {"reference": {"loss": ref["loss"], "grad_norm": ref["grad_norm"]}, "meshes": {}, "cases": {}}
     timings = {}
-    if group in ("meshes", "all"):
-        for shape, backend in MESHES.items():
-            start = time.perf_counter()
-            mesh = build_mesh(MeshConfig(*shape))
-            report["meshes"][",".join(map(str, shape))] = compare(run(ckpt, mesh, backend), ref)
-            timings[str(shape)] = time.perf_counter() - start
+    for shape, backend in MESHES.items():
         start = time.perf_counter()
-        report["gspmd"] = compare(run(ckpt, build_mesh(MeshConfig(2, 2, 2, 1)), dispatch="gspmd"), ref)
-        timings["gspmd"] = time.perf_counter() - start
-        report["a2a_checks"] = a2a_checks()
-    if group in ("cases", "all"):
-        refs = {"perft_r": ref}
-        for name, (shape, backend, dispatch, variant, shard_adapters) in CASES.items():
-            start = time.perf_counter()
-            if variant not in refs:
-                refs[variant] = run(ckpt, perft=PERFTS[variant])
-            got = run(ckpt, build_mesh(MeshConfig(*shape)), backend, dispatch, PERFTS[variant], shard_adapters)
-            report["cases"][name] = compare(got, refs[variant])
-            timings[name] = time.perf_counter() - start
+        mesh = build_mesh(MeshConfig(*shape))
+        report["meshes"][",".join(map(str, shape))] = compare(run(ckpt, mesh, backend), ref)
+        timings[str(shape)] = time.perf_counter() - start
+    start = time.perf_counter()
+    report["gspmd"] = compare(run(ckpt, build_mesh(MeshConfig(2, 2, 2, 1)), dispatch="gspmd"), ref)
+    timings["gspmd"] = time.perf_counter() - start
+    report["a2a_checks"] = a2a_checks()
+    refs = {"perft_r": ref}
+    for name, (shape, backend, dispatch, variant, shard_adapters) in CASES.items():
+        start = time.perf_counter()
+        if variant not in refs:
+            refs[variant] = run(ckpt, perft=PERFTS[variant])
+        got = run(ckpt, build_mesh(MeshConfig(*shape)), backend, dispatch, PERFTS[variant], shard_adapters)
+        report["cases"][name] = compare(got, refs[variant])
+        timings[name] = time.perf_counter() - start
     report["timings"] = timings
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

@@ -154,13 +154,11 @@ def _evaluation(args, tmp: pathlib.Path) -> dict[str, Any]:
     data_dir, tok_file = SHARED / "data" / "llm_adapters", SHARED / "tokenizers" / "olmoe_tokenizer.json"
     if not (data_dir / EVAL_BENCHMARK / "test.json").is_file() or not tok_file.is_file():
         return {"skipped": f"{SHARED} holds no {EVAL_BENCHMARK} test file or OLMoE tokenizer"}
-    n = args.gen_eval_examples
-    if n <= 0:
-        return {"skipped": f"--gen-eval-examples {n}"}
     tokenizer = load_tokenizer(tok_file)
     dtype = "float32" if args.suite == "cpu" else "bfloat16"
     model = jax_model(model_config(BENCHES[args.config], vocab_size=EVAL_VOCAB, eos_token_id=tokenizer.eos_id,
                                    pad_token_id=tokenizer.pad_id, dtype=dtype, param_dtype=dtype), PERFT)
+    n = args.gen_eval_examples
     _log(f"evaluate: {n} {EVAL_BENCHMARK} prompts, batch {EVAL_BATCH}, greedy (first call compiles)")
     summary = {}
 
@@ -232,7 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser, prefix: str = "--gen-") -> ar
     g.add_argument(f"{prefix}new-tokens", dest="gen_new_tokens", type=int, default=32,
                    help="max new tokens per prompt")
     g.add_argument(f"{prefix}eval-examples", dest="gen_eval_examples", type=int, default=64,
-                   help=f"{EVAL_BENCHMARK} rows evaluated end to end (0: skip)")
+                   help=f"{EVAL_BENCHMARK} rows evaluated end to end")
     g.add_argument(f"{prefix}torch-threads", dest="gen_torch_threads", type=int, default=None,
                    help="PyTorch threads (default: one per core, as the train benchmark)")
     return parser

@@ -12,9 +12,7 @@ with one signature `(x, weights, indices, gate_up, down, valid=None, *, capacity
   C = ceil(T*K/E * capacity_factor); one batched einsum runs all experts; pairs past an expert's
   capacity are dropped (counted in `dropped`). Needs a capacity factor that fits the routing to be exact.
 - `grouped`: pairs sorted by expert into fixed-size blocks (models/moe/grouped.py), a loop of [b, D] x [D, F]
-  matmuls over the blocks in use; dropless, under one block of padding per expert. Fastest on CPU. A few tokens
-  (a decode step) run every expert on every token instead, when that computes fewer rows
-  (`grouped.dense_is_cheaper`).
+  matmuls over the blocks in use; dropless, under one block of padding per expert. Fastest on CPU.
 - `ragged`: pairs sorted by expert and run through `jax.lax.ragged_dot` (grouped matmul); dropless.
 - `kernel`: pairs sorted by expert through real grouped-matmul kernels (models/moe/kernels.py: Pallas
   megablox on TPU, Pallas Mosaic-GPU on Hopper, XLA's ragged_dot otherwise), with a VJP that never builds

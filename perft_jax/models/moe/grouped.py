@@ -23,8 +23,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from perft_jax.models.layers import matmul
-
 
 def _cdiv(a, b):
     return -(-a // b)
@@ -239,48 +237,14 @@ def grouped_ffn(x: jax.Array, weights: jax.Array, indices: jax.Array, first: jax
     `hidden(rows, project)` maps gathered rows [NB, b, D] to [NB, b, F'], `project` applying the first matrix
     (so an adapter can put dropout before it). The routing weight multiplies the hidden rows, before the second
     matmul. `num_groups` > G adds groups that run nothing (a caller's "nowhere" group for pairs it must skip).
-    A few tokens (`dense_is_cheaper`) run every group on every token instead of the block loop.
     """
     t, k = indices.shape
-    groups = first.shape[0] if num_groups is None else num_groups
-    ffn = dense_ffn if dense_is_cheaper(t, k, first.shape[0], groups) else block_ffn
-    return ffn(x, weights, indices, first, second, hidden, groups)
-
-
-def block_ffn(x, weights, indices, first, second, hidden, num_groups: int) -> jax.Array:
-    """`grouped_ffn` as the block loop, whatever the number of tokens."""
-    t, k = indices.shape
-    layout = block_layout(indices.reshape(-1), num_groups)
+    layout = block_layout(indices.reshape(-1), first.shape[0] if num_groups is None else num_groups)
     rows = gather_rows(x, layout, pairs_per_row=k)  # [NB, b, D]; no [T*K, D] copy of the tokens
     h = hidden(rows, lambda v: grouped_matmul(v, first, layout))
     h = h * gather_pair_values(weights.reshape(-1).astype(h.dtype), layout)[..., None]
     out = scatter_rows(grouped_matmul(h, second, layout), layout)  # [T*K, D]
     return out.reshape(t, k, -1).sum(axis=1)
-
-
-def dense_is_cheaper(num_tokens: int, k: int, num_groups: int, layout_groups: int | None = None) -> bool:
-    """Whether every group on every token computes no more rows than the block layout's static bound (static
-    shapes only): true for a few tokens, as in a decode step (8 tokens, top-4 of 16 experts: 128 rows dense
-    against 152 padded rows in 19 blocks of 8).
-
-    There the dense form also reads each group's matrix in place, where the block loop copies it out of the stack
-    first: one bench-small MoE layer at 8 tokens ran in 2.3 ms dense against 5.7 ms as blocks (float32, this
-    CPU; 32 tokens: 5.6 against 6.5 ms, but 512 dense rows against 248, so blocks are kept there).
-    """
-    n = num_tokens * k
-    layout_groups = num_groups if layout_groups is None else layout_groups
-    block = default_block(n, layout_groups)
-    return num_groups * num_tokens <= (_cdiv(n, block) + layout_groups - 1) * block
-
-
-def dense_ffn(x, weights, indices, first, second, hidden, num_groups: int | None = None) -> jax.Array:
-    """`grouped_ffn` with every group on every token, each token's rows weighted by its routing weight for that
-    group (zero for groups it did not choose, and for a "nowhere" group >= G, so `num_groups` is not needed).
-    Batched over the groups."""
-    combine = jnp.einsum("tk,tkg->gt", weights, jax.nn.one_hot(indices, first.shape[0], dtype=weights.dtype))
-    h = hidden(jnp.broadcast_to(x, (first.shape[0],) + x.shape), lambda v: matmul(v, first))  # [G, T, F']
-    h = h * combine[..., None].astype(h.dtype)
-    return matmul(h, second).sum(axis=0)
 
 
 def swiglu(h: jax.Array) -> jax.Array:

@@ -134,27 +134,3 @@ def test_frozen_weights_get_no_weight_gradient_loop():
     assert forward == 2
     assert loops(jax.grad(loss, argnums=0)) == 2 * forward  # forward, dx
     assert loops(jax.grad(loss, argnums=(0, 1))) == 3 * forward  # forward, dx, dW
-
-
-def test_few_tokens_run_dense_and_equal_the_block_loop():
-    """A decode-sized batch takes the dense form (`dense_is_cheaper`); forward and gradients equal the block loop's,
-    with empty groups and a "nowhere" group G whose pairs run nothing."""
-    t, k, g, d, f = 4, 2, 8, 6, 10
-    assert grouped.dense_is_cheaper(t, k, g, g + 1) and not grouped.dense_is_cheaper(40, k, g, g + 1)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
-    weights = jnp.asarray(rng.uniform(size=(t, k)), jnp.float32)
-    indices = jnp.asarray([[0, 3], [3, 8], [8, 8], [5, 0]], jnp.int32)  # groups 1, 2, 4, 6, 7 empty; 8 = nowhere
-    first = jnp.asarray(rng.normal(size=(g, d, f)), jnp.float32)
-    second = jnp.asarray(rng.normal(size=(g, f // 2, d)), jnp.float32)
-
-    def loss(ffn):
-        return lambda *a: jnp.sum(ffn(*a[:2], indices, *a[2:], lambda rows, project: grouped.swiglu(project(rows)),
-                                      g + 1) ** 2)
-
-    args = (x, weights, first, second)
-    want = jax.value_and_grad(loss(grouped.block_ffn), argnums=(0, 1, 2, 3))(*args)
-    got = jax.value_and_grad(loss(grouped.grouped_ffn), argnums=(0, 1, 2, 3))(*args)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-    for a, b in zip(got[1], want[1]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
